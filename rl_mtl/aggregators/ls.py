@@ -1,0 +1,18 @@
+"""Linear scalarisation ("MTL SAC"): the mean of the task gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Aggregator
+
+
+class LinearScalarization(Aggregator):
+    """w_i = 1/K. Never falls back (non-finite input is still counted by the base class)."""
+
+    name = "ls"
+
+    def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+        k = gramian.shape[0]
+        return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device), self.no_fallback(gramian)

@@ -1,0 +1,184 @@
+"""Benchmarks that print numbers (never assertions): ``python -m rl_mtl.bench aggregators``.
+
+Timings are medians over interleaved rounds (every variant is timed once per round, so a
+noisy neighbour slows all of them alike) and ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .aggregators import make_aggregator
+from .gradients import task_gradients, task_gradients_loop
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _gramian(k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(k, 2 * k, dtype=torch.float64, generator=gen)
+    return (grads @ grads.T).to(device=device, dtype=torch.float32)
+
+
+def bench_weights(device: torch.device, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+    methods = ["ls", "nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg"]
+    rows = []
+    for k in sizes:
+        m = _gramian(k, device)
+        aggs = {name: make_aggregator(name) for name in methods}
+        aggs["nashmtl (cvxpy)"] = make_aggregator("nashmtl", solver="cvxpy")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            times = time_interleaved({n: (lambda a=a, m=m: a(m)) for n, a in aggs.items()}, device, rounds)
+            # the agreement is measured in float64, where both solvers work
+            m64 = m.double()
+            native, reference = aggs["nashmtl"](m64), aggs["nashmtl (cvxpy)"](m64)
+        rel = float(((native - reference).abs() / reference.abs()).max())
+        rows.append(
+            {
+                "K": k,
+                "ms": {n: t * 1e3 for n, t in times.items()},
+                "nashmtl_cvxpy_over_newton": times["nashmtl (cvxpy)"] / times["nashmtl"],
+                "nashmtl_max_rel_diff": rel,
+            }
+        )
+    return rows
+
+
+def sac_sized_critic(obs_dim: int = 49, action_dim: int = 4, hidden: int = 400, layers: int = 3) -> nn.Module:
+    dims = [obs_dim + action_dim] + [hidden] * layers
+    mods: list[nn.Module] = []
+    for d_in, d_out in itertools.pairwise(dims):
+        mods += [nn.Linear(d_in, d_out), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Linear(hidden, 1))
+
+
+def bench_task_gradients(device: torch.device, rounds: int, k: int = 10, per_task: int = 128) -> dict[str, Any]:
+    torch.manual_seed(0)
+    net = sac_sized_critic().to(device)
+    shared = dict(net.named_parameters())
+    inputs = torch.randn(k, per_task, 53, device=device)
+    targets = torch.randn(k, per_task, device=device)
+
+    def task_loss(params, _task, batch):
+        x, y = batch
+        return ((functional_call(net, params, (x,)).squeeze(-1) - y) ** 2).mean()
+
+    def batched():
+        grads = task_gradients(task_loss, shared, {}, (inputs, targets))
+        grads.gramian()
+
+    def separate():
+        task_gradients_loop(task_loss, shared, {}, (inputs, targets))
+
+    def mean_loss():
+        net.zero_grad(set_to_none=True)
+        ((net(inputs).squeeze(-1) - targets) ** 2).mean().backward()
+
+    times = time_interleaved({"vmap": batched, "separate": separate, "mean": mean_loss}, device, rounds)
+    return {
+        "K": k,
+        "samples_per_task": per_task,
+        "ms": {n: t * 1e3 for n, t in times.items()},
+        "vmap_over_mean": times["vmap"] / times["mean"],
+        "separate_over_mean": times["separate"] / times["mean"],
+    }
+
+
+def run_aggregators(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    rounds = 5 if args.quick else args.rounds
+    sizes = [2, 10] if args.quick else [2, 10, 50]
+    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}  rounds {rounds}")
+    weights = bench_weights(device, sizes, rounds)
+    methods = list(weights[0]["ms"])
+    print("\nTime to turn a K x K Gramian into weights (ms, median):")
+    print(f"{'K':>4} " + " ".join(f"{m:>15}" for m in methods))
+    for row in weights:
+        print(f"{row['K']:>4} " + " ".join(f"{row['ms'][m]:>15.3f}" for m in methods))
+    print("\nNash-MTL: native Newton vs the published cvxpy sequence:")
+    for row in weights:
+        print(
+            f"  K={row['K']:<3} cvxpy/newton time = {row['nashmtl_cvxpy_over_newton']:7.1f}x   "
+            f"max relative weight difference = {row['nashmtl_max_rel_diff']:.2e}"
+        )
+    grads = bench_task_gradients(device, rounds)
+    print(
+        f"\nPer-task gradients, SAC-sized critic (3 x 400, obs 49 + action 4), K={grads['K']}, "
+        f"{grads['samples_per_task']} samples per task (ms, median):"
+    )
+    for name, label in [
+        ("vmap", "vmapped per-task gradients + Gramian"),
+        ("separate", "K separate backward passes"),
+        ("mean", "one mean-loss backward"),
+    ]:
+        print(f"  {label:40s} {grads['ms'][name]:9.2f}")
+    print(
+        f"  vmapped / mean-loss = {grads['vmap_over_mean']:.2f}x   "
+        f"separate / mean-loss = {grads['separate_over_mean']:.2f}x"
+    )
+    return {"device": str(device), "torch": torch.__version__, "weights": weights, "task_gradients": grads}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rl_mtl.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    agg = sub.add_parser("aggregators", help="aggregator solve times, Nash native vs cvxpy, per-task gradient cost")
+    agg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    agg.add_argument("--rounds", type=int, default=30, help="timed rounds per variant (median reported)")
+    agg.add_argument("--quick", action="store_true", help="few rounds and sizes (CI smoke)")
+    agg.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    result = run_aggregators(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Per-task gradients in one batched pass, their Gramian, and writing the combined gradient back.
+
+A *task loss function* has the signature ``task_loss(shared, task, task_batch) -> loss`` (or
+``(loss, aux)`` with ``has_aux=True``), where ``shared`` maps names to the shared parameters,
+``task`` maps names to ONE task's slice of the task-specific parameters and ``task_batch`` is
+one task's slice of the batch. ``torch.func.vmap`` runs it over the task axis, so the K
+per-task gradients cost about one ordinary backward pass instead of K of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+
+Params = Mapping[str, Tensor]
+TaskLoss = Callable[..., Any]
+
+
+@dataclass
+class TaskGradients:
+    """The result of one batched per-task backward pass (K tasks, P shared numbers)."""
+
+    losses: Tensor  # [K] task losses
+    # G in blocks, one per shared parameter: name -> [K, *param.shape]. Row i of G is task i's
+    # gradient over all shared parameters; keeping the blocks avoids copying G into one matrix.
+    shared: dict[str, Tensor]
+    task_specific: dict[str, Tensor]  # name -> [K, ...]: each task's gradient of its own slice
+    aux: Any = None  # whatever the loss function returned beside the loss, stacked over tasks
+
+    @property
+    def num_tasks(self) -> int:
+        return self.losses.shape[0]
+
+    def matrix(self) -> Tensor:
+        """G as one [K, P] matrix (a copy; for tests and diagnostics)."""
+        k = self.num_tasks
+        blocks = [g.reshape(k, -1) for g in self.shared.values()]
+        return torch.cat(blocks, dim=1) if blocks else self.losses.new_zeros((k, 0))
+
+    def gramian(self) -> Tensor:
+        """M = G G^T, [K, K], summed block by block."""
+        k = self.num_tasks
+        m = self.losses.new_zeros((k, k))
+        for g in self.shared.values():
+            flat = g.reshape(k, -1)
+            m = torch.addmm(m, flat, flat.T)
+        return m
+
+    def combine(self, weights: Tensor) -> dict[str, Tensor]:
+        """weights @ G, as one tensor per shared parameter."""
+        return {name: torch.tensordot(weights.to(g.dtype), g, dims=1) for name, g in self.shared.items()}
+
+
+def detached(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+    return {name: p.detach() for name, p in params.items()}
+
+
+def task_gradients(
+    task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any, has_aux: bool = False
+) -> TaskGradients:
+    """All K per-task gradients at once: ``vmap`` over the task axis of ``grad``."""
+    grad_fn = grad_and_value(task_loss, argnums=(0, 1), has_aux=has_aux)
+    (shared_grads, task_grads), value = vmap(grad_fn, in_dims=(None, 0, 0))(
+        detached(shared), detached(task_specific), batch
+    )
+    losses, aux = value if has_aux else (value, None)
+    return TaskGradients(losses=losses.detach(), shared=dict(shared_grads), task_specific=dict(task_grads), aux=aux)
+
+
+def task_gradients_loop(task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any) -> TaskGradients:
+    """The same, with K separate backward passes: the reference the batched pass is tested
+    against (and benchmarked against). No ``has_aux``."""
+    k = next(iter(torch.utils._pytree.tree_leaves(batch))).shape[0]
+    names = list(shared)
+    losses, shared_rows, task_rows = [], {n: [] for n in names}, {n: [] for n in task_specific}
+    for i in range(k):
+        shared_i = {n: p.detach().requires_grad_(True) for n, p in shared.items()}
+        task_i = {n: p[i].detach().requires_grad_(True) for n, p in task_specific.items()}
+        batch_i = torch.utils._pytree.tree_map(lambda x, i=i: x[i], batch)
+        loss = task_loss(shared_i, task_i, batch_i)
+        inputs = [shared_i[n] for n in names] + list(task_i.values())
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+        for name, g in zip(names, grads[: len(names)], strict=True):
+            shared_rows[name].append(g)
+        for name, g in zip(task_i, grads[len(names) :], strict=True):
+            task_rows[name].append(g)
+        losses.append(loss.detach())
+    return TaskGradients(
+        losses=torch.stack(losses),
+        shared={n: torch.stack(g) for n, g in shared_rows.items()},
+        task_specific={n: torch.stack(g) for n, g in task_rows.items()},
+    )
+
+
+def write_gradients(
+    shared: Mapping[str, nn.Parameter],
+    task_specific: Mapping[str, nn.Parameter],
+    grads: TaskGradients,
+    weights: Tensor,
+) -> None:
+    """Set ``.grad``: the shared parameters get ``weights @ G``; each task-specific slice gets
+    its own task's plain (unweighted) gradient."""
+    for name, g in grads.combine(weights).items():
+        shared[name].grad = g
+    for name, p in task_specific.items():
+        p.grad = grads.task_specific[name].detach().clone()

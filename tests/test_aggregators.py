@@ -1,0 +1,321 @@
+"""Aggregators: each method's defining condition, independent formulations, invariances,
+degenerate inputs and clear errors."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import random_gramian
+
+from rl_mtl.aggregators import AGGREGATORS, AggregatorError, make_aggregator
+from rl_mtl.aggregators.base import normalize_gramian
+from rl_mtl.aggregators.cagrad import cagrad_dual_weights
+from rl_mtl.aggregators.mgda import min_norm_weights
+from rl_mtl.aggregators.pcgrad import pcgrad_weights
+from rl_mtl.aggregators.reference import cagrad_cvxpy, mgda_cvxpy
+
+SIZES = [2, 3, 5, 10, 20, 50]
+ALL_METHODS = sorted(AGGREGATORS)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_cvxpy():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+# --- Nash-MTL ------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", SIZES)
+def test_nashmtl_satisfies_bargaining_condition(k):
+    for seed in range(3):
+        m = random_gramian(k, seed, spread=10.0)
+        alpha = make_aggregator("nashmtl", max_norm=0)(m)
+        product = alpha * (m @ alpha)
+        assert torch.all(alpha > 0)
+        assert torch.allclose(product, torch.ones(k, dtype=m.dtype), rtol=0, atol=1e-6), product
+
+
+@pytest.mark.parametrize("k", SIZES)
+def test_nashmtl_newton_and_cvxpy_solvers_agree(k):
+    for seed in range(3):
+        m = random_gramian(k, 100 + seed)
+        native = make_aggregator("nashmtl", max_norm=0)(m)
+        agg = make_aggregator("nashmtl", max_norm=0, solver="cvxpy")
+        reference = agg(m)
+        assert agg.fallbacks == 0
+        rel = ((native - reference).abs() / reference.abs()).max()
+        assert rel < 1e-4, f"native and cvxpy Nash weights differ by {rel:.2e} (K={k})"
+
+
+def test_nashmtl_asymmetric_powers_condition():
+    m = random_gramian(6, 7)
+    powers = [1.0, 2.0, 0.5, 3.0, 1.0, 0.25]
+    alpha = make_aggregator("nashmtl", max_norm=0, powers=powers)(m)
+    assert torch.allclose(alpha * (m @ alpha), torch.tensor(powers, dtype=m.dtype), rtol=1e-6, atol=0)
+    reference = make_aggregator("nashmtl", max_norm=0, powers=powers, solver="cvxpy")(m)
+    assert torch.allclose(alpha, reference, rtol=1e-4)
+
+
+def test_nashmtl_update_norm_is_sqrt_k_and_max_norm_clips():
+    m = random_gramian(10, 3) * 1e6
+    alpha = make_aggregator("nashmtl", max_norm=0)(m)
+    assert math.isclose(float(alpha @ m @ alpha), 10.0, rel_tol=1e-6)  # |d|^2 = sum alpha_i (M alpha)_i = K
+    clipped = make_aggregator("nashmtl", max_norm=1.0)(m)
+    assert math.isclose(float(clipped @ m @ clipped), 1.0, rel_tol=1e-6)
+    assert torch.allclose(clipped / clipped.sum(), alpha / alpha.sum())
+
+
+def test_nashmtl_reuses_weights_between_solves_and_checkpoints_its_state():
+    agg = make_aggregator("nashmtl", update_weights_every=3)
+    m1, m2 = random_gramian(4, 1), random_gramian(4, 2)
+    first = agg(m1)
+    assert not agg.needs_gramian()
+    assert torch.equal(agg(None), first) and torch.equal(agg(m2), first)
+    assert agg.needs_gramian()
+    state = agg.state_dict()
+    resumed = make_aggregator("nashmtl", update_weights_every=3)
+    resumed.load_state_dict(state)
+    assert torch.equal(agg(m2), resumed(m2))
+    assert not torch.allclose(agg._last, first)
+
+
+# --- FairGrad ------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("k", SIZES)
+def test_fairgrad_satisfies_its_condition(k, alpha):
+    m = random_gramian(k, 11, spread=10.0)
+    w = make_aggregator("fairgrad", alpha=alpha)(m)
+    target = w.pow(-1.0 / alpha)
+    assert torch.all(w > 0)
+    assert torch.allclose(m @ w, target, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_fairgrad_matches_published_least_squares(k):
+    m = random_gramian(k, 12)
+    native = make_aggregator("fairgrad", alpha=2.0)(m)
+    reference = make_aggregator("fairgrad", alpha=2.0, solver="scipy")(m)
+    assert torch.allclose(native, reference, rtol=1e-5)
+
+
+def test_fairgrad_alpha_one_is_nashmtl():
+    m = random_gramian(7, 13)
+    assert torch.allclose(make_aggregator("fairgrad", alpha=1.0)(m), make_aggregator("nashmtl", max_norm=0)(m))
+
+
+# --- CAGrad and MGDA against cvxpy ---------------------------------------------------------
+@pytest.mark.parametrize("k", SIZES)
+def test_mgda_matches_cvxpy_min_norm_qp(k):
+    a, _, _ = normalize_gramian(random_gramian(k, 21, dims=3 * k))
+    native, reference = min_norm_weights(a), mgda_cvxpy(a)
+    assert abs(float(native.sum()) - 1) < 1e-9 and float(native.min()) >= 0
+    # the objective is what is unique; compare it tightly, the weights loosely
+    assert float(native @ a @ native) <= float(reference @ a @ reference) * (1 + 1e-7) + 1e-12
+    assert torch.allclose(native, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("c", [0.4, 0.9])
+@pytest.mark.parametrize("k", SIZES)
+def test_cagrad_dual_matches_cvxpy_socp(k, c):
+    a, _, _ = normalize_gramian(random_gramian(k, 31, dims=3 * k))
+    native, reference = cagrad_dual_weights(a, c), cagrad_cvxpy(a, c)
+    assert torch.allclose(native, reference, atol=1e-4)
+
+
+def test_cagrad_direction_is_conflict_averse():
+    # CAGrad's defining property: within the ball around g0 it maximises the worst improvement.
+    m = random_gramian(5, 41, dims=5)
+    w = make_aggregator("cagrad", c=0.5, rescale=0)(m)
+    mean = torch.full((5,), 0.2, dtype=m.dtype)
+    d_minus_g0 = w - mean
+    radius = 0.5 * torch.sqrt(mean @ m @ mean)
+    assert math.isclose(float(torch.sqrt(d_minus_g0 @ m @ d_minus_g0)), float(radius), rel_tol=1e-6)
+    worst = float((m @ w).min())
+    assert worst >= float((m @ mean).min()) - 1e-9
+
+
+# --- PCGrad --------------------------------------------------------------------------------
+def _pcgrad_direct(grads: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """PCGrad written on explicit gradient vectors, straight from the paper."""
+    projected = []
+    for i in range(grads.shape[0]):
+        g = grads[i].clone()
+        for j in order[i].tolist():
+            if j == i:
+                continue
+            dot = g @ grads[j]
+            if dot < 0:
+                g = g - dot / (grads[j] @ grads[j]) * grads[j]
+        projected.append(g)
+    return torch.stack(projected).mean(0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_pcgrad_matches_direct_implementation(k):
+    gen = torch.Generator().manual_seed(k)
+    grads = torch.randn(k, 4 * k, dtype=torch.float64, generator=gen)
+    order = torch.argsort(torch.rand(k, k, generator=gen), dim=1)
+    w = pcgrad_weights(grads @ grads.T, order)
+    assert torch.allclose(w @ grads, _pcgrad_direct(grads, order), atol=1e-10)
+
+
+def test_pcgrad_order_comes_from_a_seeded_checkpointable_generator():
+    m = random_gramian(6, 5)
+    a, b = make_aggregator("pcgrad", seed=3), make_aggregator("pcgrad", seed=3)
+    assert torch.equal(a(m), b(m))
+    state = a.state_dict()
+    first = a(m)
+    b.load_state_dict(state)
+    assert torch.equal(b(m), first)
+
+
+# --- torchjd, where the definitions agree --------------------------------------------------
+def test_agrees_with_torchjd_where_definitions_match():
+    tj = pytest.importorskip("torchjd.aggregation")
+    m = random_gramian(6, 51, dims=12)
+    a, _, _ = normalize_gramian(m)
+    assert torch.allclose(make_aggregator("imtlg")(m), tj.IMTLGWeighting()(m), atol=1e-8)
+    # torchjd's FairGrad solves the same condition with least squares
+    assert torch.allclose(make_aggregator("fairgrad", alpha=2.0)(m), tj.FairGradWeighting(alpha=2.0)(m), rtol=1e-4)
+    # torchjd's CAGrad does not rescale by 1 + c^2
+    assert torch.allclose(make_aggregator("cagrad", c=0.4, rescale=0)(m), tj.CAGradWeighting(c=0.4)(m), atol=1e-4)
+    # torchjd's MGDA is Frank-Wolfe with a stopping tolerance: agreement to its precision only
+    assert torch.allclose(make_aggregator("mgda")(m), tj.MGDAWeighting(epsilon=1e-9, max_iters=10000)(m), atol=1e-3)
+    # torchjd's PCGrad sums the projected gradients (we average) and draws orders from the
+    # global torch RNG: replay its draws as our explicit orders
+    torch.manual_seed(0)
+    orders = torch.stack([torch.randperm(6) for _ in range(6)])
+    torch.manual_seed(0)
+    assert torch.allclose(pcgrad_weights(a, orders) * 6, tj.PCGradWeighting()(m), atol=1e-10)
+
+
+# --- properties every method has ------------------------------------------------------------
+def _fixed_order_pcgrad(perm):
+    """PCGrad on a permuted problem must use the permuted order: a fixed-order wrapper."""
+    gen = torch.Generator().manual_seed(0)
+    order = torch.argsort(torch.rand(6, 6, generator=gen), dim=1)
+    inverse = torch.argsort(perm)
+    permuted_order = inverse[order[perm]]
+    return order, permuted_order
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_permutation_equivariance(method):
+    m = random_gramian(6, 61, spread=3.0)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    if method == "pcgrad":
+        order, permuted_order = _fixed_order_pcgrad(perm)
+        a, _, _ = normalize_gramian(m)
+        w = pcgrad_weights(a, order)
+        w_perm = pcgrad_weights(a[perm][:, perm], permuted_order)
+    else:
+        w = make_aggregator(method)(m)
+        w_perm = make_aggregator(method)(m[perm][:, perm])
+    assert torch.allclose(w_perm, w[perm], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("scale", [1e-15, 1.0, 1e15])
+def test_scale_extremes_give_finite_consistent_weights(method, scale):
+    m = random_gramian(5, 71)
+    agg = make_aggregator(method)
+    w = agg(m * scale)
+    assert torch.isfinite(w).all()
+    assert agg.fallbacks == 0
+    # the direction is the same whatever the scale: compare normalised directions
+    w1 = make_aggregator(method)(m)
+    d1, d = w1 / torch.sqrt(w1 @ m @ w1), w / torch.sqrt(w @ m @ w)
+    assert torch.allclose(d, d1, rtol=1e-6)
+
+
+DEGENERATE = {
+    "zero task gradient": torch.tensor([[1.0, 0.2, 0.0], [0.2, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+    "identical tasks": torch.ones(3, 3),
+    "opposite tasks": torch.tensor([[1.0, -1.0], [-1.0, 1.0]]),
+    "rank deficient": (lambda g: g @ g.T)(torch.randn(5, 2, generator=torch.Generator().manual_seed(0))),
+    "all zero": torch.zeros(3, 3),
+    "nan": torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]),
+    "inf": torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_degenerate_gramians_give_finite_weights(method, case):
+    m = DEGENERATE[case].double()
+    agg = make_aggregator(method)
+    w = agg(m)
+    assert w.shape == (m.shape[0],)
+    assert torch.isfinite(w).all(), f"{method} returned {w} for {case}"
+    if case in ("nan", "inf"):
+        assert agg.fallbacks == 1, "non-finite input must be counted as a fallback"
+        assert torch.allclose(w, torch.full_like(w, 0.5))
+
+
+def test_nashmtl_counts_a_fallback_when_no_solution_exists():
+    agg = make_aggregator("nashmtl")
+    agg(DEGENERATE["opposite tasks"].double())
+    agg(DEGENERATE["identical tasks"].double())  # a solution exists here: not counted
+    assert agg.fallbacks == 1
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_keep_dtype_and_device(method, dtype):
+    m = random_gramian(4, 81).to(dtype)
+    w = make_aggregator(method)(m, torch.ones(4, dtype=dtype))
+    assert w.dtype == dtype and w.device == m.device and w.shape == (4,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_cuda_matches_cpu(method):
+    m = random_gramian(10, 91)
+    cpu = make_aggregator(method)(m)
+    gpu = make_aggregator(method)(m.cuda())
+    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, rtol=1e-6, atol=1e-9)
+
+
+# --- errors ---------------------------------------------------------------------------------
+def test_unknown_method_lists_choices():
+    with pytest.raises(AggregatorError, match="unknown aggregation method 'nash'; choose one of: cagrad, fairgrad"):
+        make_aggregator("nash")
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(AggregatorError, match=r"unknown option.*alpha.*valid options: c, rescale"):
+        make_aggregator("cagrad", alpha=1.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("fairgrad", {"alpha": 0}, "alpha must be a number > 0"),
+        ("cagrad", {"c": -1}, "c must be a number >= 0"),
+        ("cagrad", {"rescale": 5}, "rescale must be one of"),
+        ("nashmtl", {"update_weights_every": 0}, "update_weights_every must be an integer >= 1"),
+        ("nashmtl", {"solver": "ecos"}, "unknown solver 'ecos'; choose one of: newton, cvxpy"),
+        ("nashmtl", {"max_norm": -1}, "max_norm must be a number >= 0"),
+        ("nashmtl", {"powers": [1, -1]}, "powers must be a list of positive numbers"),
+    ],
+)
+def test_bad_option_values_are_explained(method, options, message):
+    with pytest.raises(AggregatorError, match=message):
+        make_aggregator(method, **options)
+
+
+def test_bad_shapes_are_explained():
+    with pytest.raises(AggregatorError, match=r"square \[K, K\]"):
+        make_aggregator("ls")(torch.ones(2, 3))
+    with pytest.raises(AggregatorError, match=r"losses must have shape \[2\]"):
+        make_aggregator("ls")(torch.eye(2), torch.ones(3))
+
+
+def test_cvxpy_solver_without_conic_solver_is_a_clear_error(monkeypatch):
+    import cvxpy
+
+    monkeypatch.setattr(cvxpy, "installed_solvers", lambda: ["OSQP"])
+    with pytest.raises(AggregatorError, match="pip install clarabel"):
+        make_aggregator("nashmtl", solver="cvxpy")
