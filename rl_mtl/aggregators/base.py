@@ -74,6 +74,10 @@ class Aggregator:
         self._count(fallback | ~ok)
         return weights.to(dtype=gramian.dtype)
 
+    def needs_gramian(self) -> bool:
+        """Whether the next call needs the Gramian (False: pass None and skip computing it)."""
+        return True
+
     @property
     def fallbacks(self) -> int:
         """How many calls used a fallback so far (reading it synchronises with the device)."""

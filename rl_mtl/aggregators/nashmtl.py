@@ -86,6 +86,8 @@ class NashMTL(Aggregator):
         if not self.needs_gramian():
             self.step += 1
             assert self._last is not None
+            if losses is not None:  # after a checkpoint load the cached weights are on the CPU
+                self._last = self._last.to(losses.device)
             return self._last
         assert gramian is not None, "nashmtl: a Gramian is needed on this step (see needs_gramian())"
         weights = super().__call__(gramian, losses)
@@ -121,9 +123,3 @@ class NashMTL(Aggregator):
         super().load_state_dict(state)
         self.step = int(state["step"])
         self._last = state["last"]
-
-    def to(self, device: torch.device | str) -> NashMTL:
-        """Move the cached weights (after a checkpoint load) to the training device."""
-        if self._last is not None:
-            self._last = self._last.to(device)
-        return self

@@ -1,0 +1,195 @@
+"""Building, seeding and stepping Meta-World vector environments.
+
+One sub-environment per task, in the benchmark's task order. Autoreset is disabled: the trainer
+resets finished sub-environments itself, so the observation a step returns at truncation is the
+true final observation, and a checkpoint taken at an episode boundary (before the reset draws
+the next goal) resumes exactly.
+
+Seeding: numpy's global RNG, the benchmark (goal sampling) and every sub-environment get the
+run seed, and the first reset passes it too, so one seed gives one sequence of goals.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from ..config import EnvConfig
+
+
+class EnvError(RuntimeError):
+    """An environment problem (missing Meta-World, unknown task) with the fix in the message."""
+
+
+def _metaworld():
+    # Meta-World declares float64 boxes that gymnasium casts to float32, warning each time.
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
+    try:
+        import gymnasium as gym
+        import metaworld
+        import metaworld.env_dict as env_dict
+    except ImportError as err:
+        raise EnvError(
+            f"Meta-World is not importable ({err}); install the project with its pinned dependencies: "
+            "pip install -c constraints.txt -e ."
+        ) from err
+    return gym, metaworld, env_dict
+
+
+def task_names(cfg: EnvConfig) -> list[str]:
+    """The tasks in sub-environment order."""
+    _, _, env_dict = _metaworld()
+    if cfg.benchmark == "MT10":
+        return list(env_dict.MT10_V3)
+    if cfg.benchmark == "MT50":
+        return list(env_dict.MT50_V3)
+    known = env_dict.ALL_V3_ENVIRONMENTS
+    unknown = [t for t in cfg.tasks if t not in known]
+    if unknown:
+        raise EnvError(f"unknown Meta-World task(s) {', '.join(unknown)}; valid names: {', '.join(sorted(known))}")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise EnvError(f"env.tasks lists a task twice: {cfg.tasks}")
+    return list(cfg.tasks)
+
+
+def make_vector_env(cfg: EnvConfig, seed: int, evaluation: bool = False) -> Any:
+    """The vector env for training, or for evaluation (``evaluation=True``).
+
+    Evaluation with ``goal_mode=random`` cycles through the 50 stored goals of each task
+    ("pseudorandom" task selection: each reset moves to the next goal, no repeats within 50).
+    With ``goal_mode=fixed`` evaluation is built exactly like training, so its first reset
+    draws the same single goal per task that training uses.
+    """
+    gym, _, _ = _metaworld()
+    names = task_names(cfg)
+    cycle_goals = evaluation and cfg.goal_mode == "random"
+    common = {
+        "seed": seed,
+        "use_one_hot": cfg.one_hot,
+        "max_episode_steps": cfg.max_episode_steps,
+        "reward_function_version": cfg.reward_version,
+        "terminate_on_success": False,
+        "task_select": "pseudorandom" if cycle_goals else "random",
+    }
+    autoreset = gym.vector.AutoresetMode.DISABLED
+    np.random.seed(seed)  # goal sampling also reads numpy's global RNG
+    if cfg.benchmark in ("MT10", "MT50"):
+        env = gym.make_vec(
+            f"Meta-World/{cfg.benchmark}", vector_strategy=cfg.vector_strategy, autoreset_mode=autoreset, **common
+        )
+    else:
+        from metaworld import make_mt_envs
+
+        fns = [partial(make_mt_envs, name, num_tasks=len(names), env_id=i, **common) for i, name in enumerate(names)]
+        vector_cls = gym.vector.AsyncVectorEnv if cfg.vector_strategy == "async" else gym.vector.SyncVectorEnv
+        env = vector_cls(fns, autoreset_mode=autoreset)
+    if cycle_goals:
+        # Every reset moves to the next stored goal; the first one happens in run_evaluation,
+        # so N <= 50 evaluation episodes see N distinct goals.
+        env.call("toggle_sample_tasks_on_reset", True)
+        return env
+    env.reset(seed=seed)  # the first goal of every task is drawn here
+    if cfg.goal_mode == "fixed":
+        env.call("toggle_sample_tasks_on_reset", False)  # keep that goal for the whole run
+    return env
+
+
+class RewardNormalizer:
+    """Divides each task's reward by a running standard deviation (EMA, no mean subtraction from
+    the reward itself), as the paper harness did. Its state is checkpointed."""
+
+    def __init__(self, num_tasks: int, rate: float) -> None:
+        self.rate = rate
+        self.mean = np.zeros(num_tasks)
+        self.var = np.ones(num_tasks)
+
+    def __call__(self, reward: np.ndarray) -> np.ndarray:
+        self.mean = (1 - self.rate) * self.mean + self.rate * reward
+        self.var = (1 - self.rate) * self.var + self.rate * np.square(reward - self.mean)
+        return reward / (np.sqrt(self.var) + 1e-8)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.copy(), "var": self.var.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.var = np.asarray(state["mean"]), np.asarray(state["var"])
+
+
+class VectorEnvRunner:
+    """Steps a vector env and keeps per-task episode statistics.
+
+    Returns, per step, what the replay buffer needs: the true next observation (also at
+    truncation), rewards, and ``terminated`` (never true in Meta-World unless configured);
+    finished episodes are reported and reset by ``reset_finished``.
+    """
+
+    def __init__(self, env: Any, num_tasks: int) -> None:
+        self.env = env
+        self.num_tasks = num_tasks
+        self.obs: np.ndarray | None = None
+        self.episode_return = np.zeros(num_tasks)
+        self.episode_success = np.zeros(num_tasks)
+        self.episode_length = np.zeros(num_tasks, dtype=np.int64)
+
+    def reset_all(self) -> np.ndarray:
+        self.obs, _ = self.env.reset()
+        self.episode_return[:] = 0
+        self.episode_success[:] = 0
+        self.episode_length[:] = 0
+        return self.obs
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        next_obs, reward, terminated, truncated, info = self.env.step(action)
+        self.episode_return += reward
+        self.episode_success = np.maximum(self.episode_success, np.asarray(info["success"], dtype=np.float64))
+        self.episode_length += 1
+        self.obs = next_obs
+        return next_obs, np.asarray(reward, dtype=np.float64), np.asarray(terminated), np.asarray(truncated)
+
+    def finished_stats(self, done: np.ndarray) -> dict[str, np.ndarray]:
+        """Episode statistics of the finished sub-envs (arrays over the finished tasks)."""
+        return {
+            "task": np.flatnonzero(done),
+            "return": self.episode_return[done].copy(),
+            "success": self.episode_success[done].copy(),
+            "length": self.episode_length[done].copy(),
+        }
+
+    def reset_finished(self, done: np.ndarray) -> None:
+        """Reset the finished sub-envs (drawing their next goals); the others keep going."""
+        obs, _ = self.env.reset(options={"reset_mask": done})
+        self.obs = np.where(done[:, None], obs, self.obs)
+        self.episode_return[done] = 0
+        self.episode_success[done] = 0
+        self.episode_length[done] = 0
+
+    def checkpoint(self) -> list[Any]:
+        return list(self.env.call("get_checkpoint"))
+
+    def load_checkpoint(self, state: list[Any]) -> None:
+        self.env.call("load_checkpoint", state)
+
+
+def run_evaluation(env: Any, policy: Any, episodes: int, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``episodes`` episodes on every task with ``policy`` (obs [K, obs_dim] -> actions [K, A]).
+
+    Returns per-task success rate and mean return, arrays [K]. An episode succeeds if the success
+    flag was 1 at any step (PROTOCOL.md). Every reset of an evaluation env moves to the next goal.
+    """
+    num_tasks = env.num_envs
+    successes = np.zeros(num_tasks)
+    returns = np.zeros(num_tasks)
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        episode_success = np.zeros(num_tasks)
+        for _ in range(max_steps):
+            obs, reward, terminated, truncated, info = env.step(policy(obs))
+            returns += reward
+            episode_success = np.maximum(episode_success, np.asarray(info["success"], dtype=np.float64))
+            if np.all(terminated | truncated):
+                break
+        successes += episode_success
+    return successes / episodes, returns / episodes

@@ -1,0 +1,138 @@
+"""Finding, reading and grouping run directories (shared by evaluate, plot and sweep)."""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .logging import METRICS_NAME, read_metrics
+
+# Keys that may differ between the seeds of one comparison without making it a different config.
+PER_RUN_KEYS = ("seed", "device", "deterministic")
+
+
+class RunsError(RuntimeError):
+    """No usable runs, with what to check."""
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    unreadable_lines: int = 0
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("kind") == "eval"]
+
+    def tasks(self) -> list[str]:
+        evals = self.evals
+        return [k.split("/", 2)[2] for k in evals[0] if k.startswith("eval/success/")] if evals else []
+
+
+@dataclass
+class Group:
+    """Runs of one method under one config (seeds differ)."""
+
+    method: str
+    config: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    label: str = ""  # the method, or "method [config i]" when a method has several configs
+
+
+def find_run_dirs(patterns: list[str]) -> list[Path]:
+    """Directories holding a run (a config.yaml), from paths or globs, searched recursively."""
+    found: list[Path] = []
+    for pattern in patterns:
+        matches = [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
+        for path in matches:
+            if not path.exists():
+                raise RunsError(f"no such file or directory: {path}")
+            if (path / "config.yaml").is_file():
+                found.append(path)
+            elif path.is_dir():
+                found.extend(sorted(p.parent for p in path.rglob("config.yaml")))
+    unique = sorted(set(found))
+    if not unique:
+        raise RunsError(f"no run directories (with a config.yaml) under: {' '.join(patterns)}")
+    return unique
+
+
+def load_run(path: Path) -> Run:
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    records, bad = read_metrics(path / METRICS_NAME)
+    return Run(path=path, config=config, records=records, unreadable_lines=bad)
+
+
+def comparison_key(config: dict[str, Any]) -> str:
+    """The config minus per-run keys, as a canonical string."""
+    return json.dumps({k: v for k, v in config.items() if k not in PER_RUN_KEYS}, sort_keys=True)
+
+
+def experiment_key(config: dict[str, Any]) -> str:
+    """The config minus per-run keys and the method: what the methods of one comparison share.
+    (method_options stays out too: each method reads only its own entry.)"""
+    skip = (*PER_RUN_KEYS, "method", "method_options")
+    return json.dumps({k: v for k, v in config.items() if k not in skip}, sort_keys=True)
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if prefix == "" and k in PER_RUN_KEYS:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "method_options":
+            keys += config_differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
+    """Groups by (method, config); returns them and warnings about methods split across configs."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = comparison_key(run.config)
+        groups.setdefault(key, Group(run.method, run.config, label=run.method)).runs.append(run)
+    result = sorted(groups.values(), key=lambda g: (g.method, comparison_key(g.config)))
+    warnings = []
+    by_method: dict[str, list[Group]] = {}
+    for g in result:
+        by_method.setdefault(g.method, []).append(g)
+    for method, gs in by_method.items():
+        if len(gs) > 1:
+            diffs = sorted({k for g in gs[1:] for k in config_differences(gs[0].config, g.config)})
+            warnings.append(
+                f"runs of method '{method}' use {len(gs)} different configs (differing keys: "
+                f"{', '.join(diffs)}); they are shown as separate groups, never pooled"
+            )
+            for i, g in enumerate(gs, 1):
+                g.label = f"{method} [config {i}]"
+    return result, warnings
+
+
+def eval_matrix(run: Run, tasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Eval steps [E] and per-task success [E, tasks] of one run."""
+    evals = run.evals
+    steps = np.array([r["step"] for r in evals])
+    values = np.array(
+        [[np.nan if r.get(f"eval/success/{t}") is None else r[f"eval/success/{t}"] for t in tasks] for r in evals],
+        dtype=np.float64,
+    ).reshape(len(evals), len(tasks))
+    return steps, values

@@ -1,0 +1,570 @@
+"""``python -m rl_mtl.train``: multi-task SAC on Meta-World with gradient aggregation.
+
+The loop reads top to bottom: act, step the envs, store, update, log, evaluate, checkpoint.
+Checkpoints are taken at episode boundaries (all tasks' episodes end together: fixed length,
+no termination), before the next goals are drawn, so a resumed run continues exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .agents import MultiTaskSAC, NonFiniteLossError
+from .aggregators import make_aggregator
+from .buffers import MultiTaskReplayBuffer
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from .config import METHODS, Config, ConfigError, config_from_dict, diff_configs, load_config, nest, parse_override
+from .envs import EnvError, RewardNormalizer, VectorEnvRunner, make_vector_env, run_evaluation, task_names
+from .logging import METRICS_NAME, RunLogger, truncate_metrics
+from .provenance import run_metadata
+
+# Keys a resumed run may change: extending the budget, or moving to another device.
+RESUMABLE_CHANGES = ("train.total_steps", "device", "deterministic")
+EXIT_INTERRUPTED = 130
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (it holds another run, or no run)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, determinism, seeds
+# ---------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: CUDA was requested but torch.cuda.is_available() is False; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_determinism(cfg: Config, device: torch.device) -> bool:
+    """Deterministic kernels: on by default on the CPU, opt-in on CUDA (README: Reproducibility)."""
+    deterministic = cfg.deterministic if cfg.deterministic is not None else device.type == "cpu"
+    if deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.benchmark = not deterministic
+    return deterministic
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # network initialisation (and CUDA's generators)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric accumulation between log points (device tensors, read once per log)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MetricSums:
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    updates: int = 0
+    latest: dict[str, torch.Tensor] = field(default_factory=dict)  # diagnostics: last value only
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            if name.endswith("min_cosine"):
+                self.latest[name] = value.detach()
+            else:
+                self.sums[name] = self.sums[name] + value.detach() if name in self.sums else value.detach().clone()
+        self.updates += 1
+
+    def means(self) -> dict[str, np.ndarray]:
+        out = {k: (v / max(self.updates, 1)).cpu().numpy() for k, v in self.sums.items()}
+        out.update({k: v.cpu().numpy() for k, v in self.latest.items()})
+        return out
+
+    def reset(self) -> None:
+        self.sums, self.updates, self.latest = {}, 0, {}
+
+
+def per_task(prefix: str, values: np.ndarray, tasks: list[str]) -> dict[str, float]:
+    return {f"{prefix}/{task}": float(v) for task, v in zip(tasks, values, strict=True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    """Everything one run owns. ``state_dict`` / ``load_state_dict`` cover all of it."""
+
+    def __init__(self, cfg: Config, run_dir: Path, progress: bool = True) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.device = resolve_device(cfg.device)
+        self.deterministic = set_determinism(cfg, self.device)
+        seed_everything(cfg.seed)
+        self.tasks = task_names(cfg.env)
+        self.num_tasks = len(self.tasks)
+        self.env = make_vector_env(cfg.env, cfg.seed)
+        self.eval_env = make_vector_env(cfg.env, cfg.seed, evaluation=True)
+        self.runner = VectorEnvRunner(self.env, self.num_tasks)
+        obs_dim = self.env.single_observation_space.shape[0]
+        self.action_dim = self.env.single_action_space.shape[0]
+        self.agent = MultiTaskSAC(obs_dim, self.action_dim, self.num_tasks, cfg.agent, self.device, seed=cfg.seed)
+        t = cfg.train
+        self.buffer = MultiTaskReplayBuffer(
+            self.num_tasks, t.buffer_capacity_per_task, obs_dim, self.action_dim, self.device, seed=cfg.seed + 1
+        )
+        options = dict(cfg.method_options.get(cfg.method, {}))
+        self.critic_aggregator = make_aggregator(cfg.method, **self._seeded(options, 1))
+        self.actor_aggregator = make_aggregator(cfg.method, **self._seeded(options, 2))
+        self.normalizer = (
+            RewardNormalizer(self.num_tasks, cfg.env.reward_norm_rate) if cfg.env.reward_normalization else None
+        )
+        self.warmup_rng = np.random.default_rng(cfg.seed + 3)  # random actions before learning
+        self.step = 0
+        self.last_checkpoint_step = 0
+        self.last_eval_step = -1
+        self.sums = MetricSums()
+        self.obs = self.runner.reset_all()
+        self.stop_requested = False
+
+    def _seeded(self, options: dict[str, Any], stream: int) -> dict[str, Any]:
+        if self.cfg.method == "pcgrad" and "seed" not in options:
+            options = {**options, "seed": self.cfg.seed * 1000 + stream}
+        return options
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "last_eval_step": self.last_eval_step,
+            "at_boundary": not self.runner.episode_length.any(),
+            "config": self.cfg.to_dict(),
+            "agent": self.agent.training_state(),
+            "buffer": self.buffer.state_dict(),
+            "critic_aggregator": self.critic_aggregator.state_dict(),
+            "actor_aggregator": self.actor_aggregator.state_dict(),
+            "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
+            "warmup_rng": self.warmup_rng.bit_generator.state,
+            "rng": rng_state(),
+            "env": self.runner.checkpoint(),
+            "eval_env": list(self.eval_env.call("get_checkpoint")),
+            "metric_sums": {"sums": {k: v.cpu() for k, v in self.sums.sums.items()}, "updates": self.sums.updates},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = self.last_checkpoint_step = int(state["step"])
+        self.last_eval_step = int(state["last_eval_step"])
+        self.agent.load_training_state(state["agent"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.critic_aggregator.load_state_dict(state["critic_aggregator"])
+        self.actor_aggregator.load_state_dict(state["actor_aggregator"])
+        if self.normalizer is not None:
+            self.normalizer.load_state_dict(state["normalizer"])
+        self.warmup_rng.bit_generator.state = state["warmup_rng"]
+        set_rng_state(state["rng"])
+        self.runner.load_checkpoint(state["env"])
+        self.eval_env.call("load_checkpoint", state["eval_env"])
+        sums = state["metric_sums"]
+        self.sums = MetricSums({k: v.to(self.device) for k, v in sums["sums"].items()}, int(sums["updates"]))
+        # The checkpoint was taken before the finished episodes' reset: do that reset now, with
+        # the restored env RNGs, exactly as the uninterrupted run did right after saving.
+        if not state["at_boundary"]:
+            print(
+                "warning: this checkpoint was taken mid-episode (the end of a run whose length is not a "
+                "multiple of the episode length); episodes restart, so the continuation is not bit-identical "
+                "to an uninterrupted run",
+                file=sys.stderr,
+            )
+        self.obs = self.runner.reset_all()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self, logger: RunLogger, stop_at_step: int | None = None) -> int:
+        """Train up to ``train.total_steps``. Returns 0, or EXIT_INTERRUPTED after a signal.
+        ``stop_at_step`` (tests): abort at that step without saving, like ``kill -9``."""
+        t = self.cfg.train
+        bar = _progress_bar(t.total_steps, self.step, self.progress)
+        interval_start, interval_steps = time.perf_counter(), 0
+        try:
+            while self.step < t.total_steps:
+                obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
+                if self.step < t.warmup_steps:
+                    action = self.warmup_rng.uniform(-1.0, 1.0, (self.num_tasks, self.action_dim))
+                    action_t = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+                else:
+                    action_t = self.agent.act(obs_t)
+                    action = action_t.cpu().numpy().astype(np.float64)
+                next_obs, reward, terminated, truncated = self.runner.step(action)
+                if self.normalizer is not None:
+                    reward = self.normalizer(reward)
+                self.buffer.add(
+                    obs_t,
+                    action_t,
+                    torch.as_tensor(reward, dtype=torch.float32, device=self.device),
+                    torch.as_tensor(next_obs, dtype=torch.float32, device=self.device),
+                    torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
+                )
+                self.step += 1
+                interval_steps += 1
+                bar.update(1)
+                if stop_at_step is not None and self.step > stop_at_step:
+                    return EXIT_INTERRUPTED
+
+                if self.step > t.warmup_steps:
+                    self._learn(diagnostics=self.step % t.log_every == 0)
+                if self.step % t.log_every == 0:
+                    elapsed = time.perf_counter() - interval_start
+                    self._log_training(logger, interval_steps / max(elapsed, 1e-9))
+                    bar.set_postfix_str(f"{interval_steps / max(elapsed, 1e-9):.1f} steps/s", refresh=False)
+                    interval_start, interval_steps = time.perf_counter(), 0
+
+                done = terminated | truncated
+                final = self.step == t.total_steps
+                if (t.eval_every and self.step % t.eval_every == 0) or final:
+                    success = self._evaluate(logger)
+                    bar.set_postfix_str(f"eval success {success:.2f}", refresh=False)
+                if done.any():
+                    finished = self.runner.finished_stats(done)
+                    self._log_episodes(logger, finished)
+                    boundary = bool(done.all())
+                    due = self.step - self.last_checkpoint_step >= t.checkpoint_every
+                    if (boundary and (due or self.stop_requested)) or final:
+                        self._save(logger)
+                    if self.stop_requested and boundary:
+                        bar.close()
+                        print(
+                            f"\nstopped at step {self.step}; checkpoint saved. Resume with: "
+                            f"python -m rl_mtl.train --resume {self.run_dir}",
+                            file=sys.stderr,
+                        )
+                        return EXIT_INTERRUPTED
+                    if not final:
+                        self.runner.reset_finished(done)
+                elif final:
+                    self._save(logger)
+                self.obs = self.runner.obs
+        finally:
+            bar.close()
+            logger.flush()
+        return 0
+
+    def _learn(self, diagnostics: bool) -> None:
+        t = self.cfg.train
+        for i in range(t.updates_per_step):
+            batch = self.buffer.sample(t.batch_size_per_task)
+            last = i == t.updates_per_step - 1
+            metrics = self.agent.update(batch, self.critic_aggregator, self.actor_aggregator, diagnostics and last)
+            if metrics is None:
+                if self.agent.nonfinite_streak >= t.max_nonfinite_updates:
+                    raise NonFiniteLossError(
+                        f"{self.agent.nonfinite_streak} consecutive updates had non-finite losses or gradients "
+                        f"(step {self.step}); stopping. The last checkpoint (step {self.last_checkpoint_step}) is "
+                        f"intact: resume from it with smaller learning rates (--set agent.critic_lr=1e-4) or "
+                        f"check the reward scale (--set env.reward_normalization=true)"
+                    )
+                continue
+            self.sums.add(metrics)
+
+    def _log_training(self, logger: RunLogger, steps_per_second: float) -> None:
+        scalars: dict[str, float] = {"perf/steps_per_second": steps_per_second, "buffer/size": float(len(self.buffer))}
+        if self.sums.updates:
+            means = self.sums.means()
+            for key, tag in [
+                ("critic_loss", "loss/critic"),
+                ("actor_loss", "loss/actor"),
+                ("temperature", "temperature"),
+                ("entropy", "entropy"),
+                ("critic_weights", "weights/critic"),
+                ("actor_weights", "weights/actor"),
+            ]:
+                scalars.update(per_task(tag, means[key], self.tasks))
+            scalars["loss/critic_mean"] = float(means["critic_loss"].mean())
+            scalars["loss/actor_mean"] = float(means["actor_loss"].mean())
+            for name in ("critic", "actor"):
+                if f"{name}_min_cosine" in means:
+                    scalars[f"grad/min_cosine_{name}"] = float(means[f"{name}_min_cosine"])
+        scalars["aggregator/fallbacks_critic"] = float(self.critic_aggregator.fallbacks)
+        scalars["aggregator/fallbacks_actor"] = float(self.actor_aggregator.fallbacks)
+        scalars["train/nonfinite_updates"] = float(self.agent.nonfinite_total)
+        logger.log(self.step, scalars, kind="train")
+        self.sums.reset()
+
+    def _log_episodes(self, logger: RunLogger, finished: dict[str, np.ndarray]) -> None:
+        names = [self.tasks[i] for i in finished["task"]]
+        scalars = per_task("episode/return", finished["return"], names)
+        scalars.update(per_task("episode/success", finished["success"], names))
+        if len(names) == self.num_tasks:
+            scalars["episode/return_mean"] = float(finished["return"].mean())
+            scalars["episode/success_mean"] = float(finished["success"].mean())
+        logger.log(self.step, scalars, kind="episode")
+
+    def _evaluate(self, logger: RunLogger) -> float:
+        if self.last_eval_step == self.step:
+            return float("nan")
+
+        def policy(obs: np.ndarray) -> np.ndarray:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+            return self.agent.act(obs_t, deterministic=True).cpu().numpy().astype(np.float64)
+
+        success, returns = run_evaluation(
+            self.eval_env, policy, self.cfg.train.eval_episodes, self.cfg.env.max_episode_steps
+        )
+        scalars = per_task("eval/success", success, self.tasks)
+        scalars.update(per_task("eval/return", returns, self.tasks))
+        scalars["eval/success_mean"] = float(success.mean())
+        scalars["eval/return_mean"] = float(returns.mean())
+        scalars["eval/episodes_per_task"] = float(self.cfg.train.eval_episodes)
+        logger.log(self.step, scalars, kind="eval")
+        self.last_eval_step = self.step
+        return float(success.mean())
+
+    def _save(self, logger: RunLogger) -> None:
+        logger.flush()
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state_dict())
+        self.last_checkpoint_step = self.step
+
+    def close(self) -> None:
+        self.env.close()
+        self.eval_env.close()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not enabled,
+        smoothing=0.05,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rl_mtl.train",
+        description="Train multi-task SAC on Meta-World (MT10 by default), combining per-task gradients "
+        "with a gradient-aggregation method.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m rl_mtl.train --method nashmtl                 # the full MT10 protocol\n"
+        "  python -m rl_mtl.train --config smoke --method pcgrad   # a one-minute smoke run\n"
+        "  python -m rl_mtl.train --config mt10-paper --method cagrad --seed 3\n"
+        "  python -m rl_mtl.train --set env.benchmark=MT1 --set env.tasks=[reach-v3]\n"
+        "  python -m rl_mtl.train --resume runs/mt10/nashmtl/seed0\n"
+        "Ctrl-C (or SIGTERM) finishes the current episode, saves a checkpoint and exits;\n"
+        "a second Ctrl-C exits at once, keeping the previous checkpoint.",
+    )
+    parser.add_argument("--method", choices=METHODS, help="gradient aggregation method (default: nashmtl)")
+    parser.add_argument("--config", help="YAML config file or preset name in configs/ (default: mt10)")
+    parser.add_argument("--seed", type=int, help="random seed (default: 0)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default: auto)")
+    parser.add_argument(
+        "--run-dir", type=Path, help="run directory (default: $RL_MTL_RUNS or runs, then /<config>/<method>/seed<seed>)"
+    )
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.total_steps=100000 (repeatable)",
+    )
+    det = parser.add_mutually_exclusive_group()
+    det.add_argument(
+        "--deterministic",
+        dest="deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic kernels (default on CPU; slower on CUDA)",
+    )
+    det.add_argument("--no-deterministic", dest="deterministic", action="store_false")
+    parser.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    return {"method": args.method, "seed": args.seed, "device": args.device, "deterministic": args.deterministic}
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, dict[str, Any] | None]:
+    """The config, the run directory, and the checkpoint to resume (None for a new run)."""
+    if args.resume is None:
+        config_name = args.config or "mt10"
+        cfg = load_config(config_name, args.overrides, **_explicit(args))
+        run_dir = args.run_dir or runs_root() / Path(config_name).stem / cfg.method / f"seed{cfg.seed}"
+        if (run_dir / CHECKPOINT_NAME).exists() or (run_dir / METRICS_NAME).exists():
+            raise RunDirError(
+                f"run directory {run_dir} already holds a run; resume it with --resume {run_dir}, "
+                "or choose another --run-dir"
+            )
+        return cfg, run_dir, None
+    run_dir = args.resume
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml); check the path")
+    saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
+    data = saved.to_dict()
+    if args.config:
+        from .config import resolve_config_path
+
+        file_data = yaml.safe_load(resolve_config_path(args.config).read_text()) or {}
+        requested = config_from_dict(_merge(data, file_data))
+        data = requested.to_dict()
+    for text in args.overrides:
+        data = _merge(data, nest(*parse_override(text)))
+    data = _merge(data, {k: v for k, v in _explicit(args).items() if v is not None})
+    requested = config_from_dict(data)
+    conflicts = diff_configs(saved, requested, allowed=RESUMABLE_CHANGES)
+    if conflicts:
+        saved_flat, req_flat = _flat(saved.to_dict()), _flat(requested.to_dict())
+        details = "; ".join(f"{k}: saved {saved_flat.get(k)!r}, requested {req_flat.get(k)!r}" for k in conflicts)
+        raise ConfigError(
+            f"cannot resume {run_dir} with a different config ({details}). Drop those options to "
+            f"resume as saved, or start a new run in another --run-dir"
+        )
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    if state["step"] >= requested.train.total_steps:
+        raise RunDirError(
+            f"{run_dir} is already complete ({state['step']} of {requested.train.total_steps} steps); "
+            "extend it with --set train.total_steps=N"
+        )
+    return requested, run_dir, state
+
+
+def runs_root() -> Path:
+    """Where run directories go by default: ./runs, or $RL_MTL_RUNS (the Docker image's /runs)."""
+    return Path(os.environ.get("RL_MTL_RUNS", "runs"))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "method_options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(
+    cfg: Config,
+    run_dir: Path,
+    state: dict[str, Any] | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> int:
+    """Train one run in ``run_dir`` (new, or resumed from ``state``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir, progress=progress)
+    try:
+        if state is not None:
+            trainer.load_state_dict(state)
+            truncate_metrics(run_dir / METRICS_NAME, trainer.step)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        metadata = run_metadata(cfg, trainer.device, trainer.deterministic, trainer.tasks)
+        write_text_atomic(run_dir / ("run.json" if state is None else f"run.resumed-{trainer.step}.json"), metadata)
+        logger = RunLogger(run_dir, purge_step=trainer.step + 1 if state is not None else None)
+        previous = _install_signal_handlers(trainer)
+        try:
+            return trainer.train(logger, stop_at_step=stop_at_step)
+        finally:
+            _restore_signal_handlers(previous)
+            logger.close()
+    finally:
+        trainer.close()
+
+
+def _install_signal_handlers(trainer: Trainer) -> dict[int, Any]:
+    if not _in_main_thread():
+        return {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: finishing the current episode, then saving a checkpoint "
+            "(send it again to exit at once, keeping the previous checkpoint)",
+            file=sys.stderr,
+        )
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, run_dir, state = resolve_run(args)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        if state is None:
+            print(f"run directory: {run_dir}", file=sys.stderr)
+        else:
+            print(f"resuming {run_dir} from step {state['step']}", file=sys.stderr)
+        return run(cfg, run_dir, state, progress=not args.no_progress)
+    except (ConfigError, EnvError, CheckpointError, NonFiniteLossError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

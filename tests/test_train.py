@@ -1,0 +1,196 @@
+"""End-to-end training: smoke runs of every method, exact resume, and the bad-input paths."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl_mtl.checkpoint import load_checkpoint
+from rl_mtl.config import METHODS, load_config
+from rl_mtl.logging import read_metrics
+from rl_mtl.train import EXIT_INTERRUPTED, Trainer, main, run
+
+SMOKE = ["--config", "smoke", "--no-progress"]
+TASK = "reach-v3"
+REQUIRED_TRAIN = [
+    f"loss/critic/{TASK}", f"loss/actor/{TASK}", f"temperature/{TASK}", f"weights/critic/{TASK}",
+    f"weights/actor/{TASK}", "grad/min_cosine_critic", "grad/min_cosine_actor", "aggregator/fallbacks_critic",
+    "aggregator/fallbacks_actor", "perf/steps_per_second",
+]  # fmt: skip
+REQUIRED_EPISODE = [f"episode/return/{TASK}", f"episode/success/{TASK}", "episode/return_mean", "episode/success_mean"]
+REQUIRED_EVAL = [f"eval/success/{TASK}", "eval/success_mean"]
+
+
+def _tensorboard_tags(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _comparable(run_dir: Path) -> list[dict]:
+    records, bad = read_metrics(run_dir / "metrics.jsonl")
+    assert bad == 0
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_smoke_training_of_every_method_leaves_a_complete_run_directory(tmp_path, method):
+    run_dir = tmp_path / method
+    assert main([*SMOKE, "--method", method, "--run-dir", str(run_dir)]) == 0
+    records, _ = read_metrics(run_dir / "metrics.jsonl")
+    by_kind = {kind: [r for r in records if r["kind"] == kind] for kind in ("train", "episode", "eval")}
+    for kind, keys in (("train", REQUIRED_TRAIN), ("episode", REQUIRED_EPISODE), ("eval", REQUIRED_EVAL)):
+        last = by_kind[kind][-1]
+        for key in keys:
+            assert key in last and last[key] is not None and math.isfinite(last[key]), f"{kind} record lacks {key}"
+    assert [r["step"] for r in by_kind["eval"]] == [200, 400]
+    tags = _tensorboard_tags(run_dir)
+    for key in REQUIRED_TRAIN + REQUIRED_EPISODE + REQUIRED_EVAL:
+        assert key in tags and all(math.isfinite(v) for v in tags[key]), f"TensorBoard lacks {key}"
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["step"] == 400 and state["config"]["method"] == method
+    assert {"agent", "buffer", "critic_aggregator", "actor_aggregator", "rng", "env", "eval_env"} <= set(state)
+    assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "run.json").read_text())["seed"] == 0
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    cfg = load_config("smoke", method="pcgrad")  # pcgrad: its random task order must resume too
+    assert run(cfg, tmp_path / "straight", progress=False) == 0
+    # "kill -9" at step 330: the last checkpoint is at 200, and 130 steps of metrics follow it
+    assert run(cfg, tmp_path / "killed", progress=False, stop_at_step=330) == EXIT_INTERRUPTED
+    assert max(r["step"] for r in _comparable(tmp_path / "killed")) > 200
+    state = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert state["step"] == 200
+    assert run(cfg, tmp_path / "killed", state, progress=False) == 0
+    assert _comparable(tmp_path / "straight") == _comparable(tmp_path / "killed")
+    assert _tensorboard_tags(tmp_path / "killed")["eval/success_mean"] == _tensorboard_tags(tmp_path / "straight")[
+        "eval/success_mean"
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_episode_boundary_and_resume_completes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rl_mtl.train", *SMOKE, "--method", "ls", "--run-dir", str(run_dir)]
+    cmd += ["--set", "train.total_steps=5000", "--set", "train.checkpoint_every=5000"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "checkpoint saved" in err
+    step = load_checkpoint(run_dir / "checkpoint.pt")["step"]
+    assert step % 50 == 0 and 0 < step < 5000
+    assert main(["--resume", str(run_dir), "--no-progress", "--set", "train.total_steps=600"]) == 0
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 600
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main([*SMOKE, "--run-dir", str(tmp_path)]) == 2
+    assert "already holds a run; resume it with --resume" in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_resume_errors_are_clear(tmp_path, capsys):
+    assert main(["--resume", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train: {total_steps: 400}\n")
+    assert main(["--resume", str(run_dir), "--set", "agent.tau=0.1", "--no-progress"]) == 2
+    assert "cannot resume" in (err := capsys.readouterr().err) and "agent.tau: saved 0.005, requested 0.1" in err
+    assert main(["--resume", str(run_dir), "--no-progress"]) == 2
+    assert "never reached its first checkpoint" in capsys.readouterr().err
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["--resume", str(run_dir), "--no-progress"]) == 2
+    assert "truncated or corrupted" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_cuda_is_explained(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main([*SMOKE, "--device", "cuda", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "CUDA was requested but torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_unknown_method_exits_non_zero_with_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--method", "nash"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nash'" in capsys.readouterr().err
+
+
+def test_print_config_prints_the_resolved_config(capsys):
+    assert main(["--config", "smoke", "--method", "fairgrad", "--seed", "5", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "method: fairgrad" in out and "seed: 5" in out and "total_steps: 400" in out
+
+
+@pytest.mark.slow
+def test_non_finite_losses_skip_updates_then_stop_without_poisoning(tmp_path, monkeypatch):
+    from rl_mtl.envs import VectorEnvRunner
+
+    original_step = VectorEnvRunner.step
+
+    def poisoned_step(self, action):
+        next_obs, reward, terminated, truncated = original_step(self, action)
+        return next_obs, reward * float("nan"), terminated, truncated
+
+    monkeypatch.setattr(VectorEnvRunner, "step", poisoned_step)
+    cfg = load_config("smoke", ["train.max_nonfinite_updates=5"], method="nashmtl")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    before = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
+    from rl_mtl.agents import NonFiniteLossError
+    from rl_mtl.logging import RunLogger
+
+    logger = RunLogger(tmp_path)
+    with pytest.raises(NonFiniteLossError, match="5 consecutive updates had non-finite losses"):
+        trainer.train(logger)
+    logger.close()
+    trainer.close()
+    assert trainer.step == cfg.train.warmup_steps + 5
+    for name, value in trainer.agent.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed although every update was skipped"
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_truncated_metrics_line_is_tolerated(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "kind": "eval"}\n{"step": 2, "ki')
+    records, bad = read_metrics(path)
+    assert [r["step"] for r in records] == [1] and bad == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["multihead", "independent"])
+def test_other_architectures_train(tmp_path, architecture):
+    overrides = [f"agent.architecture={architecture}", "train.total_steps=200", "agent.temperature=shared"]
+    cfg = load_config("smoke", overrides, method="cagrad")
+    assert run(cfg, tmp_path, progress=False) == 0
+    records, _ = read_metrics(tmp_path / "metrics.jsonl")
+    assert any(r["kind"] == "eval" for r in records)
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+    overrides = ["train.total_steps=200", "train.eval_every=100"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert run(load_config("smoke", overrides, method="cagrad", seed=seed), tmp_path / name, progress=False) == 0
+    a, b, c = (_comparable(tmp_path / name) for name in "abc")
+    assert a == b, "same seed, same config, same device must give the same numbers"
+    assert a != c
+    assert [r["step"] for r in a] == [r["step"] for r in c]
