@@ -1,4 +1,4 @@
-"""Benchmarks that print numbers (never assertions): ``python -m rl_mtl.bench aggregators``.
+"""Benchmarks that print numbers (never assertions): ``python -m rl_mtl.bench {aggregators,train}``.
 
 Timings are medians over interleaved rounds (every variant is timed once per round, so a
 noisy neighbour slows all of them alike) and ratios are taken within one run.
@@ -171,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     agg.add_argument("--rounds", type=int, default=30, help="timed rounds per variant (median reported)")
     agg.add_argument("--quick", action="store_true", help="few rounds and sizes (CI smoke)")
     agg.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    train = sub.add_parser("train", help="end-to-end training throughput per method against env-only throughput")
+    from .train_bench import add_arguments, run_train_bench
+
+    add_arguments(train)
     args = parser.parse_args(argv)
-    result = run_aggregators(args)
+    result = run_aggregators(args) if args.command == "aggregators" else run_train_bench(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

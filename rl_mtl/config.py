@@ -286,17 +286,26 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return validate(cfg)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'total_steps': 1}} -> {'train.total_steps': 1} (method_options stays whole)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "method_options":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update (returns a new dict)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def diff_configs(saved: Config, requested: Config, allowed: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys whose values differ (ignoring ``allowed`` ones)."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "method_options":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(saved.to_dict()), flat(requested.to_dict())
+    a, b = flatten(saved.to_dict()), flatten(requested.to_dict())
     return sorted(k for k in a if a[k] != b.get(k) and k not in allowed)

@@ -26,7 +26,19 @@ from .agents import MultiTaskSAC, NonFiniteLossError
 from .aggregators import make_aggregator
 from .buffers import MultiTaskReplayBuffer
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from .config import METHODS, Config, ConfigError, config_from_dict, diff_configs, load_config, nest, parse_override
+from .config import (
+    METHODS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    diff_configs,
+    flatten,
+    load_config,
+    merge,
+    nest,
+    parse_override,
+    resolve_config_path,
+)
 from .envs import EnvError, RewardNormalizer, VectorEnvRunner, make_vector_env, run_evaluation, task_names
 from .logging import METRICS_NAME, RunLogger, truncate_metrics
 from .provenance import run_metadata
@@ -118,15 +130,18 @@ def per_task(prefix: str, values: np.ndarray, tasks: list[str]) -> dict[str, flo
 class Trainer:
     """Everything one run owns. ``state_dict`` / ``load_state_dict`` cover all of it."""
 
-    def __init__(self, cfg: Config, run_dir: Path, progress: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path, progress: bool = True, env: Any = None, eval_env: Any = None
+    ) -> None:
+        """``env`` / ``eval_env``: prebuilt vector envs (the benchmark shares one between methods)."""
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.device = resolve_device(cfg.device)
         self.deterministic = set_determinism(cfg, self.device)
         seed_everything(cfg.seed)
         self.tasks = task_names(cfg.env)
         self.num_tasks = len(self.tasks)
-        self.env = make_vector_env(cfg.env, cfg.seed)
-        self.eval_env = make_vector_env(cfg.env, cfg.seed, evaluation=True)
+        self.env = env if env is not None else make_vector_env(cfg.env, cfg.seed)
+        self.eval_env = eval_env if eval_env is not None else make_vector_env(cfg.env, cfg.seed, evaluation=True)
         self.runner = VectorEnvRunner(self.env, self.num_tasks)
         obs_dim = self.env.single_observation_space.shape[0]
         self.action_dim = self.env.single_action_space.shape[0]
@@ -148,6 +163,7 @@ class Trainer:
         self.sums = MetricSums()
         self.obs = self.runner.reset_all()
         self.stop_requested = False
+        self.at_boundary = True  # every task's episode has just ended (set before each save)
 
     def _seeded(self, options: dict[str, Any], stream: int) -> dict[str, Any]:
         if self.cfg.method == "pcgrad" and "seed" not in options:
@@ -159,7 +175,7 @@ class Trainer:
         return {
             "step": self.step,
             "last_eval_step": self.last_eval_step,
-            "at_boundary": not self.runner.episode_length.any(),
+            "at_boundary": self.at_boundary,
             "config": self.cfg.to_dict(),
             "agent": self.agent.training_state(),
             "buffer": self.buffer.state_dict(),
@@ -208,31 +224,14 @@ class Trainer:
         interval_start, interval_steps = time.perf_counter(), 0
         try:
             while self.step < t.total_steps:
-                obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
-                if self.step < t.warmup_steps:
-                    action = self.warmup_rng.uniform(-1.0, 1.0, (self.num_tasks, self.action_dim))
-                    action_t = torch.as_tensor(action, dtype=torch.float32, device=self.device)
-                else:
-                    action_t = self.agent.act(obs_t)
-                    action = action_t.cpu().numpy().astype(np.float64)
-                next_obs, reward, terminated, truncated = self.runner.step(action)
-                if self.normalizer is not None:
-                    reward = self.normalizer(reward)
-                self.buffer.add(
-                    obs_t,
-                    action_t,
-                    torch.as_tensor(reward, dtype=torch.float32, device=self.device),
-                    torch.as_tensor(next_obs, dtype=torch.float32, device=self.device),
-                    torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
-                )
-                self.step += 1
+                terminated, truncated = self.collect_step()
                 interval_steps += 1
                 bar.update(1)
                 if stop_at_step is not None and self.step > stop_at_step:
                     return EXIT_INTERRUPTED
 
                 if self.step > t.warmup_steps:
-                    self._learn(diagnostics=self.step % t.log_every == 0)
+                    self.learn(diagnostics=self.step % t.log_every == 0)
                 if self.step % t.log_every == 0:
                     elapsed = time.perf_counter() - interval_start
                     self._log_training(logger, interval_steps / max(elapsed, 1e-9))
@@ -241,7 +240,7 @@ class Trainer:
 
                 done = terminated | truncated
                 final = self.step == t.total_steps
-                if (t.eval_every and self.step % t.eval_every == 0) or final:
+                if ((t.eval_every and self.step % t.eval_every == 0) or final) and self.last_eval_step != self.step:
                     success = self._evaluate(logger)
                     bar.set_postfix_str(f"eval success {success:.2f}", refresh=False)
                 if done.any():
@@ -250,8 +249,9 @@ class Trainer:
                     boundary = bool(done.all())
                     due = self.step - self.last_checkpoint_step >= t.checkpoint_every
                     if (boundary and (due or self.stop_requested)) or final:
+                        self.at_boundary = boundary
                         self._save(logger)
-                    if self.stop_requested and boundary:
+                    if self.stop_requested and boundary and not final:
                         bar.close()
                         print(
                             f"\nstopped at step {self.step}; checkpoint saved. Resume with: "
@@ -262,6 +262,7 @@ class Trainer:
                     if not final:
                         self.runner.reset_finished(done)
                 elif final:
+                    self.at_boundary = False
                     self._save(logger)
                 self.obs = self.runner.obs
         finally:
@@ -269,7 +270,29 @@ class Trainer:
             logger.flush()
         return 0
 
-    def _learn(self, diagnostics: bool) -> None:
+    def collect_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Act (random during warm-up), step every task's env, store the transitions."""
+        obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
+        if self.step < self.cfg.train.warmup_steps:
+            action = self.warmup_rng.uniform(-1.0, 1.0, (self.num_tasks, self.action_dim))
+            action_t = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+        else:
+            action_t = self.agent.act(obs_t)
+            action = action_t.cpu().numpy().astype(np.float64)
+        next_obs, reward, terminated, truncated = self.runner.step(action)
+        if self.normalizer is not None:
+            reward = self.normalizer(reward)
+        self.buffer.add(
+            obs_t,
+            action_t,
+            torch.as_tensor(reward, dtype=torch.float32, device=self.device),
+            torch.as_tensor(next_obs, dtype=torch.float32, device=self.device),
+            torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
+        )
+        self.step += 1
+        return terminated, truncated
+
+    def learn(self, diagnostics: bool) -> None:
         t = self.cfg.train
         for i in range(t.updates_per_step):
             batch = self.buffer.sample(t.batch_size_per_task)
@@ -320,9 +343,6 @@ class Trainer:
         logger.log(self.step, scalars, kind="episode")
 
     def _evaluate(self, logger: RunLogger) -> float:
-        if self.last_eval_step == self.step:
-            return float("nan")
-
         def policy(obs: np.ndarray) -> np.ndarray:
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
             return self.agent.act(obs_t, deterministic=True).cpu().numpy().astype(np.float64)
@@ -436,18 +456,16 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, dict[str, Any] 
     saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
     data = saved.to_dict()
     if args.config:
-        from .config import resolve_config_path
-
         file_data = yaml.safe_load(resolve_config_path(args.config).read_text()) or {}
-        requested = config_from_dict(_merge(data, file_data))
+        requested = config_from_dict(merge(data, file_data))
         data = requested.to_dict()
     for text in args.overrides:
-        data = _merge(data, nest(*parse_override(text)))
-    data = _merge(data, {k: v for k, v in _explicit(args).items() if v is not None})
+        data = merge(data, nest(*parse_override(text)))
+    data = merge(data, {k: v for k, v in _explicit(args).items() if v is not None})
     requested = config_from_dict(data)
     conflicts = diff_configs(saved, requested, allowed=RESUMABLE_CHANGES)
     if conflicts:
-        saved_flat, req_flat = _flat(saved.to_dict()), _flat(requested.to_dict())
+        saved_flat, req_flat = flatten(saved.to_dict()), flatten(requested.to_dict())
         details = "; ".join(f"{k}: saved {saved_flat.get(k)!r}, requested {req_flat.get(k)!r}" for k in conflicts)
         raise ConfigError(
             f"cannot resume {run_dir} with a different config ({details}). Drop those options to "
@@ -465,23 +483,6 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, dict[str, Any] 
 def runs_root() -> Path:
     """Where run directories go by default: ./runs, or $RL_MTL_RUNS (the Docker image's /runs)."""
     return Path(os.environ.get("RL_MTL_RUNS", "runs"))
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "method_options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:

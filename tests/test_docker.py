@@ -28,8 +28,12 @@ def test_hadolint_passes():
 
 
 def test_image_installs_exactly_like_the_readme_main_command():
-    main_command = next(line for line in README.splitlines() if "rl_mtl.train --method nashmtl" in line and "pip" in line)
-    assert _pip_install_args(DOCKERFILE) == _pip_install_args(main_command) == ["-q", "-c", "constraints.txt", "-e", "."]
+    main_command = next(
+        line for line in README.splitlines() if "rl_mtl.train --method nashmtl" in line and "pip" in line
+    )
+    assert (
+        _pip_install_args(DOCKERFILE) == _pip_install_args(main_command) == ["-q", "-c", "constraints.txt", "-e", "."]
+    )
 
 
 def test_image_copies_what_the_package_needs_and_its_command_exists():

@@ -42,7 +42,7 @@ def test_mt10_is_built_with_make_vec_in_task_order_with_one_hot():
     cfg = EnvConfig(max_episode_steps=10)
     env = make_vector_env(cfg, 0)
     assert env.num_envs == 10 and env.single_observation_space.shape == (49,)
-    assert [e.unwrapped.__class__.__name__ for e in env.envs][0] == "SawyerReachEnvV3"
+    assert env.envs[0].unwrapped.__class__.__name__ == "SawyerReachEnvV3"
     obs, _ = env.reset()
     assert np.array_equal(obs[:, 39:], np.eye(10)), "task one-hot appended in task order"
     assert task_names(cfg)[:2] == ["reach-v3", "push-v3"]
@@ -107,5 +107,5 @@ def test_success_means_success_at_any_step():
 
 
 def test_unknown_task_names_are_listed():
-    with pytest.raises(EnvError, match="unknown Meta-World task.*reach-v9.*valid names"):
+    with pytest.raises(EnvError, match=r"unknown Meta-World task.*reach-v9.*valid names"):
         task_names(EnvConfig(benchmark="custom", tasks=["reach-v9"]))

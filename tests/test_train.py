@@ -73,9 +73,10 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert state["step"] == 200
     assert run(cfg, tmp_path / "killed", state, progress=False) == 0
     assert _comparable(tmp_path / "straight") == _comparable(tmp_path / "killed")
-    assert _tensorboard_tags(tmp_path / "killed")["eval/success_mean"] == _tensorboard_tags(tmp_path / "straight")[
-        "eval/success_mean"
-    ]
+    assert (
+        _tensorboard_tags(tmp_path / "killed")["eval/success_mean"]
+        == _tensorboard_tags(tmp_path / "straight")["eval/success_mean"]
+    )
 
 
 @pytest.mark.slow
