@@ -122,6 +122,7 @@ def simplex_minimize(
     """
     w = torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)
     ones = torch.ones(k, dtype=like.dtype, device=like.device)
+    check = not w.is_cuda
     t = t_start
     while True:
         tt = t
@@ -138,7 +139,10 @@ def simplex_minimize(
             nu = -sol[:, 0].sum() / sol[:, 1].sum()
             dw = -(sol[:, 0] + nu * sol[:, 1])
             dw = dw - dw.mean()  # remove rounding drift off the plane
-            w = w + _line_search(barrier_value, w, dw, g @ dw) * dw
+            slope = g @ dw  # -lambda^2: the Newton decrement of the barrier problem
+            w = w + _line_search(barrier_value, w, dw, slope) * dw
+            if check and bool(slope > -1e-12):
+                break  # centred for this t (checked on the CPU only, where it costs nothing)
         if t >= t_final:
             return w
         t = min(t * t_factor, t_final)
