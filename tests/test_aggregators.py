@@ -319,3 +319,12 @@ def test_cvxpy_solver_without_conic_solver_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cvxpy, "installed_solvers", lambda: ["OSQP"])
     with pytest.raises(AggregatorError, match="pip install clarabel"):
         make_aggregator("nashmtl", solver="cvxpy")
+
+
+def test_published_style_cvxpy_run_reaches_the_same_weights_to_its_tolerance():
+    from rl_mtl.aggregators.reference import nash_cvxpy
+
+    a, _, _ = normalize_gramian(random_gramian(5, 17))
+    published = nash_cvxpy(a, published=True)
+    native = make_aggregator("nashmtl", max_norm=0)(a)
+    assert torch.allclose(published, native, rtol=1e-2)  # its stopping rule is |A alpha - 1/alpha| < 1e-3

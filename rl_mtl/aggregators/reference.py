@@ -51,8 +51,8 @@ def _to_numpy(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
-@lru_cache(maxsize=8)
-def _nash_problem(k: int) -> tuple[Any, ...]:
+@lru_cache(maxsize=16)
+def _nash_problem(k: int, log_form: bool = False) -> tuple[Any, ...]:
     """One convex step of the published method, as a DPP problem compiled once per K.
 
     The Nash condition is phi_i(alpha) = log alpha_i + log (A alpha)_i = log p_i. Each step
@@ -62,6 +62,7 @@ def _nash_problem(k: int) -> tuple[Any, ...]:
     The constraint alpha_i (A alpha)_i >= p_i is written as the equivalent second-order cone
     |(2 sqrt(p_i), alpha_i - (A alpha)_i)| <= alpha_i + (A alpha)_i rather than with logs:
     the same set, but solvers handle it far more reliably than exponential cones.
+    ``log_form=True`` keeps the published log constraints (exponential cones), for benchmarks.
     """
     import cvxpy as cp
 
@@ -70,34 +71,46 @@ def _nash_problem(k: int) -> tuple[Any, ...]:
     phi_grad = cp.Parameter(k)
     two_sqrt_powers = cp.Parameter(k, nonneg=True)
     a_alpha = gram @ alpha
-    constraints = [
-        cp.SOC(alpha[i] + a_alpha[i], cp.hstack([two_sqrt_powers[i], alpha[i] - a_alpha[i]])) for i in range(k)
-    ]
+    if log_form:
+        constraints = [cp.log(alpha[i]) + cp.log(a_alpha[i]) >= 2 * cp.log(two_sqrt_powers[i] / 2) for i in range(k)]
+    else:
+        constraints = [
+            cp.SOC(alpha[i] + a_alpha[i], cp.hstack([two_sqrt_powers[i], alpha[i] - a_alpha[i]])) for i in range(k)
+        ]
     problem = cp.Problem(cp.Minimize(cp.sum(a_alpha) + phi_grad @ alpha), constraints)
     return problem, alpha, gram, phi_grad, two_sqrt_powers
 
 
-def nash_cvxpy(a: Tensor, powers: Tensor | None = None, optim_niter: int = 20, tol: float = 1e-9) -> Tensor:
-    """Nash-MTL's sequence of convex problems, on A (PSD, mean diagonal 1)."""
+def nash_cvxpy(
+    a: Tensor, powers: Tensor | None = None, optim_niter: int = 20, tol: float = 1e-9, published: bool = False
+) -> Tensor:
+    """Nash-MTL's sequence of convex problems, on A (PSD, mean diagonal 1).
+
+    ``published=True`` runs it as the reference code does, for the benchmark: log-form
+    constraints, the start alpha = 1, the solver's default tolerances, and its stopping rule
+    |A alpha - p/alpha| < 1e-3.
+    """
     import cvxpy as cp
 
     k = a.shape[0]
     gram_np = _to_numpy(a)
     p = np.ones(k) if powers is None else _to_numpy(powers)
-    problem, alpha, gram, phi_grad, two_sqrt_powers = _nash_problem(k)
+    problem, alpha, gram, phi_grad, two_sqrt_powers = _nash_problem(k, log_form=published)
     gram.value = gram_np
     two_sqrt_powers.value = 2.0 * np.sqrt(p)
     # Start on the ray through 1/|g_i|, scaled to satisfy the condition on average.
     u = 1.0 / np.sqrt(np.maximum(np.diag(gram_np), 1e-300))
-    current = u * np.sqrt(p.sum() / max(u @ gram_np @ u, 1e-300))
+    current = np.ones(k) if published else u * np.sqrt(p.sum() / max(u @ gram_np @ u, 1e-300))
     for _ in range(optim_niter):
+        if published and np.linalg.norm(gram_np @ current - p / current) < 1e-3:
+            break
         a_current = gram_np @ current
         # The linearisation needs (A alpha_t)_i > 0; a start that lacks it takes one step on
         # sum(A alpha) alone, whose solution is feasible and so has (A alpha)_i > 0.
         usable = bool((a_current > 0).all())
         phi_grad.value = 1.0 / current + gram_np.T @ (1.0 / a_current) if usable else np.zeros(k)
         try:
-            _solve(problem)
+            problem.solve(solver=require_conic_solver()) if published else _solve(problem)
         except cp.error.SolverError:
             break  # numerically hard step: keep the last iterate; the caller checks the residual
         if alpha.value is None:
