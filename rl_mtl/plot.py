@@ -1,7 +1,8 @@
 """``python -m rl_mtl.plot RUN_DIR ...``: learning curves as PNG files.
 
-Writes two figures: the mean evaluation success over tasks against training steps (one line per
-method, mean over seeds with an SEM band), and a grid with one panel per task. Runs are grouped
+Writes two figures: the evaluation success and return (means over tasks) against training steps
+(one line per method, mean over seeds with an SEM band), and a grid of success with one panel
+per task. Runs are grouped
 as in ``rl_mtl.evaluate`` (method x config, never pooled across configs).
 """
 
@@ -17,13 +18,13 @@ import numpy as np
 from .runs import Group, RunsError, eval_matrix, find_run_dirs, group_runs, load_run
 
 
-def curves(group: Group) -> tuple[np.ndarray, np.ndarray, list[str], int] | None:
-    """Eval steps shared by all seeds [E], success [seeds, E, tasks], task names, seeds."""
+def curves(group: Group, metric: str = "success") -> tuple[np.ndarray, np.ndarray, list[str], int] | None:
+    """Eval steps shared by all seeds [E], values [seeds, E, tasks], task names, seeds."""
     runs = [r for r in group.runs if r.evals]
     if not runs:
         return None
     tasks = runs[0].tasks()
-    matrices = [eval_matrix(r, tasks) for r in runs]
+    matrices = [eval_matrix(r, tasks, metric) for r in runs]
     common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in matrices)))
     if not common:
         return None
@@ -54,12 +55,18 @@ def plot(patterns: list[str], out_dir: Path, prefix: str = "mt") -> list[Path]:
         raise RunsError("none of the runs has an evaluation yet: nothing to plot")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_return) = plt.subplots(1, 2, figsize=(12, 4.5))
     for group, (steps, values, _, n) in data:
         _band(ax, steps, values.mean(axis=2), f"{group.label} ({n} seed{'s' if n > 1 else ''})")
+        returns = curves(group, "return")
+        if returns is not None:
+            _band(ax_return, returns[0], returns[1].mean(axis=2), group.label)
     ax.set(xlabel="vector steps", ylabel="evaluation success (mean over tasks)", ylim=(-0.02, 1.02))
     ax.set_title("Evaluation success: mean over seeds ± SEM")
-    ax.grid(alpha=0.3)
+    ax_return.set(xlabel="vector steps", ylabel="evaluation return (mean over tasks)")
+    ax_return.set_title("Evaluation return: mean over seeds ± SEM")
+    for a in (ax, ax_return):
+        a.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     mean_path = out_dir / f"{prefix}_success.png"

@@ -127,12 +127,12 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
     return result, warnings
 
 
-def eval_matrix(run: Run, tasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Eval steps [E] and per-task success [E, tasks] of one run."""
+def eval_matrix(run: Run, tasks: list[str], metric: str = "success") -> tuple[np.ndarray, np.ndarray]:
+    """Eval steps [E] and per-task ``eval/<metric>/<task>`` values [E, tasks] of one run."""
     evals = run.evals
     steps = np.array([r["step"] for r in evals])
     values = np.array(
-        [[np.nan if r.get(f"eval/success/{t}") is None else r[f"eval/success/{t}"] for t in tasks] for r in evals],
+        [[np.nan if r.get(f"eval/{metric}/{t}") is None else r[f"eval/{metric}/{t}"] for t in tasks] for r in evals],
         dtype=np.float64,
     ).reshape(len(evals), len(tasks))
     return steps, values
