@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .envs import EnvError
 from .runs import Group, Run, RunsError, eval_matrix, experiment_key, find_run_dirs, group_runs, load_run
 from .stats import iqm, mean_sem, stratified_bootstrap_ci
 
@@ -260,18 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.format == "json"
                 else render(tables, args.format, STATISTICS_NOTE)
             )
-    except RunsError as err:
+    except (RunsError, CheckpointError, ConfigError, EnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # config/checkpoint/env errors carry their own messages
-        from .checkpoint import CheckpointError
-        from .config import ConfigError
-        from .envs import EnvError
-
-        if isinstance(err, (CheckpointError, ConfigError, EnvError)):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

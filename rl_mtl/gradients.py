@@ -108,4 +108,4 @@ def write_gradients(
     for name, g in grads.combine(weights).items():
         shared[name].grad = g
     for name, p in task_specific.items():
-        p.grad = grads.task_specific[name].detach().clone()
+        p.grad = grads.task_specific[name].detach()  # a fresh tensor from the vmapped pass

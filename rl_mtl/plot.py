@@ -59,7 +59,7 @@ def plot(patterns: list[str], out_dir: Path, prefix: str = "mt") -> list[Path]:
     for group, (steps, values, _, n) in data:
         _band(ax, steps, values.mean(axis=2), f"{group.label} ({n} seed{'s' if n > 1 else ''})")
         returns = curves(group, "return")
-        if returns is not None:
+        if returns is not None and np.isfinite(returns[1]).any():
             _band(ax_return, returns[0], returns[1].mean(axis=2), group.label)
     ax.set(xlabel="vector steps", ylabel="evaluation success (mean over tasks)", ylim=(-0.02, 1.02))
     ax.set_title("Evaluation success: mean over seeds ± SEM")

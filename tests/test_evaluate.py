@@ -160,3 +160,26 @@ def test_sweep_evaluate_and_plot_on_real_smoke_runs(tmp_path):
     assert all(g["seeds"] == [0, 1] for g in report["groups"])
     assert plot_main([str(root / "smoke"), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "mt_success_per_task.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_checkpoint_reevaluation_reproduces_the_runs_own_final_evaluation(tmp_path, capsys):
+    from rl_mtl.config import load_config
+    from rl_mtl.logging import read_metrics
+    from rl_mtl.train import run
+
+    overrides = ["train.total_steps=100", "train.warmup_steps=50", "train.eval_every=0", "train.eval_episodes=2"]
+    assert run(load_config("smoke", overrides, method="ls"), tmp_path / "run", progress=False) == 0
+    (final_eval,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if r["kind"] == "eval"]
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert (
+        evaluate_main(["--checkpoint", str(checkpoint), "--episodes", "2", "--format", "json", "--device", "cpu"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 100 and len(result["success"]) == 10
+    # the same policy, the same fresh evaluation env and goals: the same numbers
+    for task, success in result["success"].items():
+        assert success == final_eval[f"eval/success/{task}"]
+        assert result["return"][task] == pytest.approx(final_eval[f"eval/return/{task}"])
+    assert evaluate_main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
