@@ -70,6 +70,9 @@ class TrainConfig:
     checkpoint_every: int = 50_000  # vector steps; rounded up to an episode boundary
     log_every: int = 1000
     max_nonfinite_updates: int = 100  # consecutive skipped updates before the run stops
+    # Overlap the update with the environments' step (needs env.vector_strategy=async).
+    # None: on exactly when the vector env is async.
+    overlap_env: bool | None = None
 
 
 @dataclass
@@ -219,6 +222,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"agent.tau must be in (0, 1], got {agent.tau}")
     if agent.log_std_min >= agent.log_std_max:
         raise ConfigError("agent.log_std_min must be below agent.log_std_max")
+    if train.overlap_env and env.vector_strategy != "async":
+        raise ConfigError(
+            "train.overlap_env=true needs env.vector_strategy=async (a sync env cannot step while the update runs)"
+        )
     if train.batch_size_per_task > train.buffer_capacity_per_task:
         raise ConfigError("train.batch_size_per_task cannot exceed train.buffer_capacity_per_task")
     unknown = sorted(set(cfg.method_options) - set(METHODS))

@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,9 @@ class Trainer:
         self.env = env if env is not None else make_vector_env(cfg.env, cfg.seed)
         self.eval_env = eval_env if eval_env is not None else make_vector_env(cfg.env, cfg.seed, evaluation=True)
         self.runner = VectorEnvRunner(self.env, self.num_tasks)
+        # Overlap the update with the env step where the env can (validated in config).
+        overlap = cfg.train.overlap_env
+        self.overlap = self.runner.can_overlap if overlap is None else overlap
         obs_dim = self.env.single_observation_space.shape[0]
         self.action_dim = self.env.single_action_space.shape[0]
         self.agent = MultiTaskSAC(obs_dim, self.action_dim, self.num_tasks, cfg.agent, self.device, seed=cfg.seed)
@@ -224,14 +228,21 @@ class Trainer:
         interval_start, interval_steps = time.perf_counter(), 0
         try:
             while self.step < t.total_steps:
-                terminated, truncated = self.collect_step()
+                learns = self.step + 1 > t.warmup_steps  # this step ends with an update
+                diagnostics = (self.step + 1) % t.log_every == 0
+                if learns and self.overlap:
+                    # The update samples the transitions stored so far while the envs step: the
+                    # newest transition joins the replay one update later than without overlap.
+                    terminated, truncated = self.collect_step(lambda d=diagnostics: self.learn(d))
+                else:
+                    terminated, truncated = self.collect_step()
+                    if learns:
+                        self.learn(diagnostics)
                 interval_steps += 1
                 bar.update(1)
                 if stop_at_step is not None and self.step > stop_at_step:
                     return EXIT_INTERRUPTED
 
-                if self.step > t.warmup_steps:
-                    self.learn(diagnostics=self.step % t.log_every == 0)
                 if self.step % t.log_every == 0:
                     elapsed = time.perf_counter() - interval_start
                     self._log_training(logger, interval_steps / max(elapsed, 1e-9))
@@ -270,8 +281,12 @@ class Trainer:
             logger.flush()
         return 0
 
-    def collect_step(self) -> tuple[np.ndarray, np.ndarray]:
-        """Act (random during warm-up), step every task's env, store the transitions."""
+    def collect_step(self, while_stepping: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Act (random during warm-up), step every task's env, store the transitions.
+
+        ``while_stepping`` runs after the actions are sent and before the results are read: with
+        an async vector env the update overlaps the environments' step.
+        """
         obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
         if self.step < self.cfg.train.warmup_steps:
             action = self.warmup_rng.uniform(-1.0, 1.0, (self.num_tasks, self.action_dim))
@@ -279,7 +294,10 @@ class Trainer:
         else:
             action_t = self.agent.act(obs_t)
             action = action_t.cpu().numpy().astype(np.float64)
-        next_obs, reward, terminated, truncated = self.runner.step(action)
+        self.runner.step_async(action)
+        if while_stepping is not None:
+            while_stepping()
+        next_obs, reward, terminated, truncated = self.runner.step_wait()
         if self.normalizer is not None:
             reward = self.normalizer(reward)
         self.buffer.add(

@@ -59,9 +59,15 @@ def env_only_throughput(env: Any, num_tasks: int, steps: int, rounds: int, seed:
     return statistics.median(rates)
 
 
-def advance(trainer: Trainer) -> None:
-    """One collection step; finished episodes are reset (the trainer does this in its loop)."""
-    terminated, truncated = trainer.collect_step()
+def advance(trainer: Trainer, learn: bool = False) -> None:
+    """One collection step (with an update, overlapped with the env step when the trainer
+    overlaps); finished episodes are reset, as the trainer's loop does."""
+    if learn and trainer.overlap:
+        terminated, truncated = trainer.collect_step(lambda: trainer.learn(diagnostics=False))
+    else:
+        terminated, truncated = trainer.collect_step()
+        if learn:
+            trainer.learn(diagnostics=False)
     done = terminated | truncated
     if done.any():
         trainer.runner.reset_finished(done)
@@ -86,7 +92,9 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
             cfg = load_config(config, overrides, device=args.device, method=method)
             trainers[method] = Trainer(cfg, Path(tmp), progress=False, env=env, eval_env=env)
         device = next(iter(trainers.values())).device
+        overlap = next(iter(trainers.values())).overlap
         print(f"device: {device}  config: {config}  tasks: {len(tasks)}  vector strategy: {base.env.vector_strategy}  "
+              f"overlap: {overlap}  "
               f"networks: {base.agent.hidden_sizes}  batch: {base.train.batch_size_per_task}/task  "
               f"torch threads: {torch.get_num_threads()}")  # fmt: skip
         env_sps = env_only_throughput(env, len(tasks), steps, rounds, base.seed)
@@ -109,8 +117,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(steps):
-                    advance(trainer)
-                    trainer.learn(diagnostics=False)
+                    advance(trainer, learn=True)
                 _sync(device)
                 train_sps[method].append(steps / (time.perf_counter() - start))
     env.close()

@@ -37,6 +37,7 @@ def test_overrides_parse_yaml_values_and_reach_nested_keys():
         (["method_options.cagrad.alpha=1"], "method_options.cagrad: cagrad: unknown option"),
         (["method_options.nash.x=1"], "unknown method"),
         (["train.total_steps"], "--set expects key=value"),
+        (["train.overlap_env=true"], r"train.overlap_env=true needs env.vector_strategy=async"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(overrides, message):

@@ -63,14 +63,23 @@ def test_smoke_training_of_every_method_leaves_a_complete_run_directory(tmp_path
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    cfg = load_config("smoke", method="pcgrad")  # pcgrad: its random task order must resume too
+@pytest.mark.parametrize(
+    ("method", "overrides", "kill_at", "checkpoint"),
+    [
+        # pcgrad: its random task order must resume too; kill 130 steps after the checkpoint
+        ("pcgrad", [], 330, 200),
+        # async envs with the update overlapping the env step
+        ("nashmtl", ["env.vector_strategy=async", "train.total_steps=200", "train.checkpoint_every=100"], 130, 100),
+    ],
+)
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, method, overrides, kill_at, checkpoint):
+    cfg = load_config("smoke", overrides, method=method)
     assert run(cfg, tmp_path / "straight", progress=False) == 0
-    # "kill -9" at step 330: the last checkpoint is at 200, and 130 steps of metrics follow it
-    assert run(cfg, tmp_path / "killed", progress=False, stop_at_step=330) == EXIT_INTERRUPTED
-    assert max(r["step"] for r in _comparable(tmp_path / "killed")) > 200
+    # "kill -9": the last checkpoint is earlier, and metrics were logged after it
+    assert run(cfg, tmp_path / "killed", progress=False, stop_at_step=kill_at) == EXIT_INTERRUPTED
+    assert max(r["step"] for r in _comparable(tmp_path / "killed")) > checkpoint
     state = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
-    assert state["step"] == 200
+    assert state["step"] == checkpoint
     assert run(cfg, tmp_path / "killed", state, progress=False) == 0
     assert _comparable(tmp_path / "straight") == _comparable(tmp_path / "killed")
     assert (

@@ -133,6 +133,7 @@ class VectorEnvRunner:
         self.episode_return = np.zeros(num_tasks)
         self.episode_success = np.zeros(num_tasks)
         self.episode_length = np.zeros(num_tasks, dtype=np.int64)
+        self._pending: Any = None  # a sync env's result between step_async and step_wait
 
     def reset_all(self) -> np.ndarray:
         self.obs, _ = self.env.reset()
@@ -142,7 +143,27 @@ class VectorEnvRunner:
         return self.obs
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        next_obs, reward, terminated, truncated, info = self.env.step(action)
+        self.step_async(action)
+        return self.step_wait()
+
+    @property
+    def can_overlap(self) -> bool:
+        """True for an async vector env: its sub-processes step while this process works."""
+        return hasattr(self.env, "step_async")
+
+    def step_async(self, action: np.ndarray) -> None:
+        """Start a step (an async env steps in its sub-processes; a sync env steps right here)."""
+        if self.can_overlap:
+            self.env.step_async(action)
+            self._pending = None
+        else:
+            self._pending = self.env.step(action)
+
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Finish the step started by ``step_async``: (next_obs, reward, terminated, truncated)."""
+        result = self.env.step_wait() if self._pending is None else self._pending
+        self._pending = None
+        next_obs, reward, terminated, truncated, info = result
         self.episode_return += reward
         self.episode_success = np.maximum(self.episode_success, np.asarray(info["success"], dtype=np.float64))
         self.episode_length += 1
