@@ -69,7 +69,7 @@ def test_smoke_training_of_every_method_leaves_a_complete_run_directory(tmp_path
         # pcgrad: its random task order must resume too; kill 130 steps after the checkpoint
         ("pcgrad", [], 330, 200),
         # async envs with the update overlapping the env step
-        ("nashmtl", ["env.vector_strategy=async", "train.total_steps=200", "train.checkpoint_every=100"], 130, 100),
+        ("nashmtl", ["env.vector_strategy=async", "train.total_steps=200", "train.checkpoint_every=100"], 160, 100),
     ],
 )
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, method, overrides, kill_at, checkpoint):
@@ -154,13 +154,13 @@ def test_print_config_prints_the_resolved_config(capsys):
 def test_non_finite_losses_skip_updates_then_stop_without_poisoning(tmp_path, monkeypatch):
     from rl_mtl.envs import VectorEnvRunner
 
-    original_step = VectorEnvRunner.step
+    original_step_wait = VectorEnvRunner.step_wait
 
-    def poisoned_step(self, action):
-        next_obs, reward, terminated, truncated = original_step(self, action)
+    def poisoned_step_wait(self):
+        next_obs, reward, terminated, truncated = original_step_wait(self)
         return next_obs, reward * float("nan"), terminated, truncated
 
-    monkeypatch.setattr(VectorEnvRunner, "step", poisoned_step)
+    monkeypatch.setattr(VectorEnvRunner, "step_wait", poisoned_step_wait)
     cfg = load_config("smoke", ["train.max_nonfinite_updates=5"], method="nashmtl")
     trainer = Trainer(cfg, tmp_path, progress=False)
     before = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
