@@ -24,15 +24,9 @@ from torch.func import functional_call
 from .aggregators import make_aggregator
 from .aggregators.base import normalize_gramian
 from .aggregators.reference import nash_cvxpy
+from .config import ConfigError
 from .gradients import task_gradients, task_gradients_loop
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available; use --device cpu or auto")
-    return torch.device(name)
+from .train import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -185,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(train)
     args = parser.parse_args(argv)
-    result = run_aggregators(args) if args.command == "aggregators" else run_train_bench(args)
+    try:
+        result = run_aggregators(args) if args.command == "aggregators" else run_train_bench(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
