@@ -52,7 +52,7 @@ def test_unknown_method_lists_choices():
 
 
 def test_missing_config_file_lists_presets(tmp_path):
-    with pytest.raises(ConfigError, match=r"config file 'nope.yaml' not found.*mt10, mt10-paper, smoke"):
+    with pytest.raises(ConfigError, match=r"config file 'nope.yaml' not found.*mt10, mt10-paper, mt3, smoke"):
         load_config("nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2")
