@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .config import flatten
 from .logging import METRICS_NAME, read_metrics
 
 # Keys that may differ between the seeds of one comparison without making it a different config.
@@ -79,29 +80,31 @@ def load_run(path: Path) -> Run:
     return Run(path=path, config=config, records=records, unreadable_lines=bad)
 
 
+def _relevant(config: dict[str, Any], with_method: bool) -> dict[str, Any]:
+    """What decides a run's numbers besides its seed: everything but the per-run keys, and of
+    ``method_options`` only the entry of the method in use (the others are never read)."""
+    out = {k: v for k, v in config.items() if k not in (*PER_RUN_KEYS, "method", "method_options")}
+    if with_method:
+        method = config.get("method")
+        out["method"] = method
+        out["method_options"] = (config.get("method_options") or {}).get(method, {})
+    return out
+
+
 def comparison_key(config: dict[str, Any]) -> str:
-    """The config minus per-run keys, as a canonical string."""
-    return json.dumps({k: v for k, v in config.items() if k not in PER_RUN_KEYS}, sort_keys=True)
+    """Runs with equal keys are seeds of one (method, config) group."""
+    return json.dumps(_relevant(config, with_method=True), sort_keys=True)
 
 
 def experiment_key(config: dict[str, Any]) -> str:
-    """The config minus per-run keys and the method: what the methods of one comparison share.
-    (method_options stays out too: each method reads only its own entry.)"""
-    skip = (*PER_RUN_KEYS, "method", "method_options")
-    return json.dumps({k: v for k, v in config.items() if k not in skip}, sort_keys=True)
+    """What the methods of one comparison share (the method and its options left out)."""
+    return json.dumps(_relevant(config, with_method=False), sort_keys=True)
 
 
-def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        if prefix == "" and k in PER_RUN_KEYS:
-            continue
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict) and k != "method_options":
-            keys += config_differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(f"{prefix}{k}")
-    return keys
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys where two runs' configs differ in what decides their numbers."""
+    flat_a, flat_b = flatten(_relevant(a, True)), flatten(_relevant(b, True))
+    return sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
 
 
 def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:

@@ -183,3 +183,13 @@ def test_checkpoint_reevaluation_reproduces_the_runs_own_final_evaluation(tmp_pa
         assert result["return"][task] == pytest.approx(final_eval[f"eval/return/{task}"])
     assert evaluate_main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_options_of_other_methods_do_not_split_a_group(tmp_path, capsys):
+    make_run(tmp_path, "a", 0, [(100, [0.5, 0.5])])
+    other = make_run(tmp_path, "a", 1, [(100, [0.7, 0.3])])
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["method_options"]["cagrad"] = {"c": 0.1}  # not method "a"'s options: never read by the run
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    report, err = _json_report([tmp_path], capsys)
+    assert [g["seeds"] for g in report["groups"]] == [[0, 1]] and "different configs" not in err
