@@ -36,6 +36,14 @@ class TaskGradients:
     def num_tasks(self) -> int:
         return self.losses.shape[0]
 
+    def total(self) -> Tensor:
+        """The sum of every loss and gradient entry: finite exactly when all of them are
+        (barring an overflow of the sum itself, which only makes the check stricter)."""
+        parts = [self.losses.sum()]
+        parts += [g.sum() for g in self.shared.values()]
+        parts += [g.sum() for g in self.task_specific.values()]
+        return torch.stack(parts).sum()
+
     def matrix(self) -> Tensor:
         """G as one [K, P] matrix (a copy; for tests and diagnostics)."""
         k = self.num_tasks

@@ -76,3 +76,11 @@ def test_task_specific_parameters_get_their_own_plain_gradient():
     expected = weights @ slow.matrix()
     got = torch.cat([p.grad.reshape(-1) for p in shared.values()])
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_total_is_non_finite_when_any_gradient_is():
+    _, shared, task, batch, task_loss = _setup()
+    grads = task_gradients(task_loss, shared, task, batch)
+    assert torch.isfinite(grads.total())
+    grads.shared["0.weight"][1, 0, 0] = float("inf")  # a finite loss whose gradient overflowed
+    assert torch.isfinite(grads.losses).all() and not torch.isfinite(grads.total())

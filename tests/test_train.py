@@ -204,3 +204,18 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
     assert a == b, "same seed, same config, same device must give the same numbers"
     assert a != c
     assert [r["step"] for r in a] == [r["step"] for r in c]
+
+
+def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_gramian(tmp_path):
+    """ls computes no Gramian on most steps; the update must still be refused."""
+    from rl_mtl.agents import MultiTaskSAC
+    from rl_mtl.aggregators import make_aggregator
+    from rl_mtl.gradients import TaskGradients
+
+    agent = MultiTaskSAC(5, 2, 3, load_config("smoke").agent, torch.device("cpu"))
+    agg = make_aggregator("ls")
+    finite = TaskGradients(losses=torch.ones(3), shared={"w": torch.ones(3, 4)}, task_specific={})
+    assert agent._combine(finite, agg, need_diagnostics=False)[0] is not None
+    overflow = TaskGradients(losses=torch.ones(3), shared={"w": torch.full((3, 4), float("inf"))}, task_specific={})
+    assert agent._combine(overflow, agg, need_diagnostics=False) == (None, None)
+    assert agent.nonfinite_total == 1

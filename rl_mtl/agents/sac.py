@@ -160,9 +160,10 @@ class MultiTaskSAC(nn.Module):
         has_shared = bool(grads.shared)
         need_gramian = has_shared and (aggregator.needs_gramian() or need_diagnostics)
         gramian = grads.gramian() if need_gramian else None
-        # One host sync per loss: a non-finite update must never reach the optimiser.
-        checked = grads.losses.sum() + (gramian.sum() if gramian is not None else 0.0)
-        if not bool(torch.isfinite(checked)):
+        # One host sync per loss: a non-finite loss or gradient must never reach the optimiser.
+        # The gradients are checked themselves (a finite loss can still overflow in backward),
+        # whether or not this step computes the Gramian.
+        if not bool(torch.isfinite(grads.total())):
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
             self.critic_optimizer.zero_grad(set_to_none=True)
