@@ -67,7 +67,7 @@ def plan(methods: list[str], seeds: list[int], config: str, overrides: list[str]
             checkpoint = run_dir / CHECKPOINT_NAME
             if checkpoint.is_file():
                 try:
-                    step = load_checkpoint(checkpoint)["step"]
+                    step = load_checkpoint(checkpoint, mmap=True)["step"]
                 except CheckpointError as err:
                     raise SystemExit(f"error: {err}") from err
                 action = "skip" if step >= cfg.train.total_steps else "resume"
