@@ -166,6 +166,7 @@ class Trainer:
         self.last_eval_step = -1
         self.sums = MetricSums()
         self.obs = self.runner.reset_all()
+        self._obs_on_device: tuple[Any, torch.Tensor | None] = (None, None)  # (host array, its device copy)
         self.stop_requested = False
         self.at_boundary = True  # every task's episode has just ended (set before each save)
 
@@ -287,10 +288,12 @@ class Trainer:
         ``while_stepping`` runs after the actions are sent and before the results are read: with
         an async vector env the update overlaps the environments' step.
         """
-        obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
+        # The observation is usually last step's next observation, already on the device.
+        cached_obs, cached_obs_t = self._obs_on_device
+        obs_t = cached_obs_t if cached_obs is self.obs else self._to_device(self.obs)
         if self.step < self.cfg.train.warmup_steps:
             action = self.warmup_rng.uniform(-1.0, 1.0, (self.num_tasks, self.action_dim))
-            action_t = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+            action_t = self._to_device(action)
         else:
             action_t = self.agent.act(obs_t)
             action = action_t.cpu().numpy().astype(np.float64)
@@ -300,15 +303,16 @@ class Trainer:
         next_obs, reward, terminated, truncated = self.runner.step_wait()
         if self.normalizer is not None:
             reward = self.normalizer(reward)
-        self.buffer.add(
-            obs_t,
-            action_t,
-            torch.as_tensor(reward, dtype=torch.float32, device=self.device),
-            torch.as_tensor(next_obs, dtype=torch.float32, device=self.device),
-            torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
-        )
+        # One host-to-device copy for the whole transition: [K, obs_dim + 2].
+        packed = self._to_device(np.concatenate([next_obs, reward[:, None], terminated[:, None]], axis=1))
+        next_obs_t = packed[:, :-2]
+        self.buffer.add(obs_t, action_t, packed[:, -2], next_obs_t, packed[:, -1])
+        self._obs_on_device = (next_obs, next_obs_t)
         self.step += 1
         return terminated, truncated
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=torch.float32, device=self.device)
 
     def learn(self, diagnostics: bool) -> None:
         t = self.cfg.train
