@@ -32,17 +32,36 @@ class TaskGradients:
     task_specific: dict[str, Tensor]  # name -> [K, ...]: each task's gradient of its own slice
     aux: Any = None  # whatever the loss function returned beside the loss, stacked over tasks
 
+    # A seed-batched pass (``seed_task_gradients``) gives the same fields with a leading seed
+    # axis: losses [S, K], blocks [S, K, ...]; ``total`` and ``gramian`` then work per seed and
+    # ``seed(s)`` slices out one seed's TaskGradients.
+
     @property
     def num_tasks(self) -> int:
-        return self.losses.shape[0]
+        return self.losses.shape[-1]
 
     def total(self) -> Tensor:
-        """The sum of every loss and gradient entry: finite exactly when all of them are
-        (barring an overflow of the sum itself, which only makes the check stricter)."""
-        parts = [self.losses.sum()]
-        parts += [g.sum() for g in self.shared.values()]
-        parts += [g.sum() for g in self.task_specific.values()]
-        return torch.stack(parts).sum()
+        """The sum of every loss and gradient entry (per seed when seed-batched): finite exactly
+        when all of them are (barring an overflow of the sum itself, which only makes the check
+        stricter)."""
+        lead = self.losses.ndim - 1  # 0, or 1 with a seed axis
+
+        def entry_sum(t: Tensor) -> Tensor:
+            return t.reshape(*t.shape[:lead], -1).sum(-1)
+
+        parts = [entry_sum(self.losses)]
+        parts += [entry_sum(g) for g in self.shared.values()]
+        parts += [entry_sum(g) for g in self.task_specific.values()]
+        return torch.stack(parts).sum(0)
+
+    def seed(self, s: int) -> TaskGradients:
+        """One seed's gradients out of a seed-batched pass (views, no copies)."""
+        return TaskGradients(
+            losses=self.losses[s],
+            shared={n: g[s] for n, g in self.shared.items()},
+            task_specific={n: g[s] for n, g in self.task_specific.items()},
+            aux=None if self.aux is None else torch.utils._pytree.tree_map(lambda x: x[s], self.aux),
+        )
 
     def matrix(self) -> Tensor:
         """G as one [K, P] matrix (a copy; for tests and diagnostics)."""
@@ -51,8 +70,15 @@ class TaskGradients:
         return torch.cat(blocks, dim=1) if blocks else self.losses.new_zeros((k, 0))
 
     def gramian(self) -> Tensor:
-        """M = G G^T, [K, K], summed block by block."""
+        """M = G G^T, [K, K] (or [S, K, K] when seed-batched), summed block by block."""
         k = self.num_tasks
+        if self.losses.ndim == 2:
+            s = self.losses.shape[0]
+            m = self.losses.new_zeros((s, k, k))
+            for g in self.shared.values():
+                flat = g.reshape(s, k, -1)
+                m = torch.baddbmm(m, flat, flat.mT)
+            return m
         m = self.losses.new_zeros((k, k))
         for g in self.shared.values():
             flat = g.reshape(k, -1)
@@ -72,12 +98,32 @@ def task_gradients(
     task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any, has_aux: bool = False
 ) -> TaskGradients:
     """All K per-task gradients at once: ``vmap`` over the task axis of ``grad``."""
+    return TaskGradients(*task_gradient_fields(task_loss, shared, task_specific, batch, has_aux))
+
+
+def task_gradient_fields(
+    task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any, has_aux: bool = False
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], Any]:
+    """``task_gradients`` as a plain tuple (losses, shared, task_specific, aux): the form an
+    outer ``vmap`` over seeds can return (see ``seed_task_gradients``)."""
     grad_fn = grad_and_value(task_loss, argnums=(0, 1), has_aux=has_aux)
     (shared_grads, task_grads), value = vmap(grad_fn, in_dims=(None, 0, 0))(
         detached(shared), detached(task_specific), batch
     )
     losses, aux = value if has_aux else (value, None)
-    return TaskGradients(losses=losses.detach(), shared=dict(shared_grads), task_specific=dict(task_grads), aux=aux)
+    return losses.detach(), dict(shared_grads), dict(task_grads), aux
+
+
+def seed_task_gradients(per_seed: Callable[..., tuple], *stacked: Any) -> TaskGradients:
+    """Several independent agents' per-task gradients in one pass: ``per_seed(*args)`` returns
+    one seed's ``task_gradient_fields``; it is ``vmap``-ed over the leading seed axis of every
+    argument, so S seeds x K tasks cost about one batched backward pass."""
+
+    def fields(*args: Any) -> tuple:
+        losses, shared, task_specific, aux = per_seed(*args)
+        return (losses, shared, task_specific) if aux is None else (losses, shared, task_specific, aux)  # vmap: no None
+
+    return TaskGradients(*vmap(fields)(*stacked))
 
 
 def task_gradients_loop(task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any) -> TaskGradients:

@@ -220,67 +220,28 @@ class Trainer:
             )
         self.obs = self.runner.reset_all()
 
-    # -- the loop -------------------------------------------------------------------------------
+    # -- one step of the loop (``train_together`` strings them together) ------------------------
     def train(self, logger: RunLogger, stop_at_step: int | None = None) -> int:
         """Train up to ``train.total_steps``. Returns 0, or EXIT_INTERRUPTED after a signal.
         ``stop_at_step`` (tests): abort at that step without saving, like ``kill -9``."""
+        return train_together(self, [self], [logger], self.progress, stop_at_step)
+
+    def plan_step(self) -> tuple[bool, bool]:
+        """(whether this step ends with an update, whether that update logs diagnostics)."""
         t = self.cfg.train
-        bar = _progress_bar(t.total_steps, self.step, self.progress)
-        interval_start, interval_steps = time.perf_counter(), 0
-        try:
-            while self.step < t.total_steps:
-                learns = self.step + 1 > t.warmup_steps  # this step ends with an update
-                diagnostics = (self.step + 1) % t.log_every == 0
-                if learns and self.overlap:
-                    # The update samples the transitions stored so far while the envs step: the
-                    # newest transition joins the replay one update later than without overlap.
-                    terminated, truncated = self.collect_step(lambda d=diagnostics: self.learn(d))
-                else:
-                    terminated, truncated = self.collect_step()
-                    if learns:
-                        self.learn(diagnostics)
-                interval_steps += 1
-                bar.update(1)
-                if stop_at_step is not None and self.step > stop_at_step:
-                    return EXIT_INTERRUPTED
+        return self.step + 1 > t.warmup_steps, (self.step + 1) % t.log_every == 0
 
-                if self.step % t.log_every == 0:
-                    elapsed = time.perf_counter() - interval_start
-                    self._log_training(logger, interval_steps / max(elapsed, 1e-9))
-                    bar.set_postfix_str(f"{interval_steps / max(elapsed, 1e-9):.1f} steps/s", refresh=False)
-                    interval_start, interval_steps = time.perf_counter(), 0
-
-                done = terminated | truncated
-                final = self.step == t.total_steps
-                if ((t.eval_every and self.step % t.eval_every == 0) or final) and self.last_eval_step != self.step:
-                    success = self._evaluate(logger)
-                    bar.set_postfix_str(f"eval success {success:.2f}", refresh=False)
-                if done.any():
-                    finished = self.runner.finished_stats(done)
-                    self._log_episodes(logger, finished)
-                    boundary = bool(done.all())
-                    due = self.step - self.last_checkpoint_step >= t.checkpoint_every
-                    if (boundary and (due or self.stop_requested)) or final:
-                        self.at_boundary = boundary
-                        self._save(logger)
-                    if self.stop_requested and boundary and not final:
-                        bar.close()
-                        print(
-                            f"\nstopped at step {self.step}; checkpoint saved. Resume with: "
-                            f"python -m rl_mtl.train --resume {self.run_dir}",
-                            file=sys.stderr,
-                        )
-                        return EXIT_INTERRUPTED
-                    if not final:
-                        self.runner.reset_finished(done)
-                elif final:
-                    self.at_boundary = False
-                    self._save(logger)
-                self.obs = self.runner.obs
-        finally:
-            bar.close()
-            logger.flush()
-        return 0
+    def advance(self, learns: bool, diagnostics: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One collection step and, after the warm-up, one update: [(terminated, truncated)]."""
+        if learns and self.overlap:
+            # The update samples the transitions stored so far while the envs step: the newest
+            # transition joins the replay one update later than without overlap.
+            outcome = self.collect_step(lambda: self.learn(diagnostics))
+        else:
+            outcome = self.collect_step()
+            if learns:
+                self.learn(diagnostics)
+        return [outcome]
 
     def collect_step(self, while_stepping: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Act (random during warm-up), step every task's env, store the transitions.
@@ -291,8 +252,8 @@ class Trainer:
         # The observation is usually last step's next observation, already on the device.
         cached_obs, cached_obs_t = self._obs_on_device
         obs_t = cached_obs_t if cached_obs is self.obs else self._to_device(self.obs)
-        if self.step < self.cfg.train.warmup_steps:
-            action = self.warmup_rng.uniform(-1.0, 1.0, (self.num_tasks, self.action_dim))
+        if self.warming_up:
+            action = self.warmup_action()
             action_t = self._to_device(action)
         else:
             action_t = self.agent.act(obs_t)
@@ -300,16 +261,30 @@ class Trainer:
         self.runner.step_async(action)
         if while_stepping is not None:
             while_stepping()
+        packed, terminated, truncated = self.receive()
+        packed_t = self._to_device(packed)  # one host-to-device copy for the whole transition
+        next_obs_t = packed_t[:, :-2]
+        self.buffer.add(obs_t, action_t, packed_t[:, -2], next_obs_t, packed_t[:, -1])
+        self._obs_on_device = (self.runner.obs, next_obs_t)
+        self.step += 1
+        return terminated, truncated
+
+    @property
+    def warming_up(self) -> bool:
+        return self.step < self.cfg.train.warmup_steps
+
+    def warmup_action(self) -> np.ndarray:
+        """Uniform random actions [K, A] from this run's own warm-up generator."""
+        return self.warmup_rng.uniform(-1.0, 1.0, (self.num_tasks, self.action_dim))
+
+    def receive(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Finish the env step: the transition packed as [K, obs_dim + 2] (next observation,
+        normalised reward, terminated), and the ``terminated`` / ``truncated`` flags."""
         next_obs, reward, terminated, truncated = self.runner.step_wait()
         if self.normalizer is not None:
             reward = self.normalizer(reward)
-        # One host-to-device copy for the whole transition: [K, obs_dim + 2].
-        packed = self._to_device(np.concatenate([next_obs, reward[:, None], terminated[:, None]], axis=1))
-        next_obs_t = packed[:, :-2]
-        self.buffer.add(obs_t, action_t, packed[:, -2], next_obs_t, packed[:, -1])
-        self._obs_on_device = (next_obs, next_obs_t)
-        self.step += 1
-        return terminated, truncated
+        packed = np.concatenate([next_obs, reward[:, None], terminated[:, None]], axis=1)
+        return packed, terminated, truncated
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(array, dtype=torch.float32, device=self.device)
@@ -319,17 +294,67 @@ class Trainer:
         for i in range(t.updates_per_step):
             batch = self.buffer.sample(t.batch_size_per_task)
             last = i == t.updates_per_step - 1
-            metrics = self.agent.update(batch, self.critic_aggregator, self.actor_aggregator, diagnostics and last)
-            if metrics is None:
-                if self.agent.nonfinite_streak >= t.max_nonfinite_updates:
-                    raise NonFiniteLossError(
-                        f"{self.agent.nonfinite_streak} consecutive updates had non-finite losses or gradients "
-                        f"(step {self.step}); stopping. The last checkpoint (step {self.last_checkpoint_step}) is "
-                        f"intact: resume from it with smaller learning rates (--set agent.critic_lr=1e-4) or "
-                        f"check the reward scale (--set env.reward_normalization=true)"
-                    )
-                continue
+            self.record_update(
+                self.agent.update(batch, self.critic_aggregator, self.actor_aggregator, diagnostics and last)
+            )
+
+    def record_update(self, metrics: dict[str, torch.Tensor] | None) -> None:
+        """Accumulate an update's metrics; None (skipped, non-finite) counts toward stopping."""
+        if metrics is not None:
             self.sums.add(metrics)
+            return
+        if self.agent.nonfinite_streak >= self.cfg.train.max_nonfinite_updates:
+            raise NonFiniteLossError(
+                f"{self.run_dir}: {self.agent.nonfinite_streak} consecutive updates had non-finite losses or "
+                f"gradients (step {self.step}); stopping. The last checkpoint (step {self.last_checkpoint_step}) "
+                f"is intact: resume from it with smaller learning rates (--set agent.critic_lr=1e-4) or check "
+                f"the reward scale (--set env.reward_normalization=true)"
+            )
+
+    def start_interval(self) -> None:
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+    def finish_step(
+        self,
+        logger: RunLogger,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        bar: Any,
+        evaluation: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> int | None:
+        """Log, evaluate, checkpoint and reset finished episodes after a collection step.
+        ``evaluation``: this step's (success, return) per task when already evaluated (with other
+        seeds, by a SeedBatch). Returns EXIT_INTERRUPTED when a requested stop has been saved."""
+        t = self.cfg.train
+        self.interval_steps += 1
+        if self.step % t.log_every == 0:
+            rate = self.interval_steps / max(time.perf_counter() - self.interval_start, 1e-9)
+            self._log_training(logger, rate)
+            bar.set_postfix_str(f"{rate:.1f} steps/s", refresh=False)
+            self.start_interval()
+
+        done = terminated | truncated
+        final = self.step == t.total_steps
+        if self.eval_due():
+            success = self._evaluate(logger) if evaluation is None else self.log_evaluation(logger, *evaluation)
+            bar.set_postfix_str(f"eval success {success:.2f}", refresh=False)
+        if done.any():
+            finished = self.runner.finished_stats(done)
+            self._log_episodes(logger, finished)
+            boundary = bool(done.all())
+            due = self.step - self.last_checkpoint_step >= t.checkpoint_every
+            if (boundary and (due or self.stop_requested)) or final:
+                self.at_boundary = boundary
+                self._save(logger)
+            if self.stop_requested and boundary and not final:
+                return EXIT_INTERRUPTED
+            if not final:
+                self.runner.reset_finished(done)
+        elif final:
+            self.at_boundary = False
+            self._save(logger)
+        self.obs = self.runner.obs
+        return None
 
     def _log_training(self, logger: RunLogger, steps_per_second: float) -> None:
         scalars: dict[str, float] = {"perf/steps_per_second": steps_per_second, "buffer/size": float(len(self.buffer))}
@@ -372,6 +397,15 @@ class Trainer:
         success, returns = run_evaluation(
             self.eval_env, policy, self.cfg.train.eval_episodes, self.cfg.env.max_episode_steps
         )
+        return self.log_evaluation(logger, success, returns)
+
+    def eval_due(self) -> bool:
+        t = self.cfg.train
+        due = (t.eval_every and self.step % t.eval_every == 0) or self.step == t.total_steps
+        return bool(due) and self.last_eval_step != self.step
+
+    def log_evaluation(self, logger: RunLogger, success: np.ndarray, returns: np.ndarray) -> float:
+        """Log an evaluation of this step (per-task success and return); the mean success."""
         scalars = per_task("eval/success", success, self.tasks)
         scalars.update(per_task("eval/return", returns, self.tasks))
         scalars["eval/success_mean"] = float(success.mean())
@@ -405,6 +439,43 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     )
 
 
+def train_together(
+    driver: Any, trainers: list[Trainer], loggers: list[RunLogger], progress: bool, stop_at_step: int | None = None
+) -> int:
+    """The training loop, for one run (``driver`` is its Trainer) or several seeds trained
+    together (``driver`` is a ``SeedBatch``); every run logs, evaluates and checkpoints itself."""
+    lead = trainers[0]
+    total = lead.cfg.train.total_steps
+    bar = _progress_bar(total, lead.step, progress)
+    for trainer in trainers:
+        trainer.start_interval()
+    try:
+        while lead.step < total:
+            outcomes = driver.advance(*lead.plan_step())
+            bar.update(1)
+            if stop_at_step is not None and lead.step > stop_at_step:
+                return EXIT_INTERRUPTED
+            # Seeds trained together are evaluated together (their eval envs in lockstep).
+            evaluations = driver.evaluate() if len(trainers) > 1 and lead.eval_due() else [None] * len(trainers)
+            statuses = [
+                trainer.finish_step(logger, terminated, truncated, bar, evaluation)
+                for trainer, logger, (terminated, truncated), evaluation in zip(
+                    trainers, loggers, outcomes, evaluations, strict=True
+                )
+            ]
+            if EXIT_INTERRUPTED in statuses:
+                bar.close()
+                dirs = " ".join(str(t.run_dir) for t in trainers)
+                print(f"\nstopped at step {lead.step}; checkpoint saved. Resume with: "
+                      f"python -m rl_mtl.train --resume {dirs}", file=sys.stderr)  # fmt: skip
+                return EXIT_INTERRUPTED
+    finally:
+        bar.close()
+        for logger in loggers:
+            logger.flush()
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -419,19 +490,37 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m rl_mtl.train --config smoke --method pcgrad   # a one-minute smoke run\n"
         "  python -m rl_mtl.train --config mt10-paper --method cagrad --seed 3\n"
         "  python -m rl_mtl.train --set env.benchmark=MT1 --set env.tasks=[reach-v3]\n"
+        "  python -m rl_mtl.train --method fairgrad --seeds 0-9    # ten seeds together, one process\n"
         "  python -m rl_mtl.train --resume runs/mt10/nashmtl/seed0\n"
+        "  python -m rl_mtl.train --resume runs/mt10/nashmtl/seed*  # continue seeds together\n"
         "Ctrl-C (or SIGTERM) finishes the current episode, saves a checkpoint and exits;\n"
         "a second Ctrl-C exits at once, keeping the previous checkpoint.",
     )
     parser.add_argument("--method", choices=METHODS, help="gradient aggregation method (default: nashmtl)")
     parser.add_argument("--config", help="YAML config file or preset name in configs/ (default: mt10)")
-    parser.add_argument("--seed", type=int, help="random seed (default: 0)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="random seed (default: 0)")
+    seeds.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        metavar="LIST",
+        help="train several seeds together in this process, e.g. 0-9 or 0,3,5-7; each seed gets its own "
+        "run directory (README: Several seeds in one process)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default: auto)")
     parser.add_argument(
-        "--run-dir", type=Path, help="run directory (default: $RL_MTL_RUNS or runs, then /<config>/<method>/seed<seed>)"
+        "--run-dir",
+        type=Path,
+        help="run directory (default: $RL_MTL_RUNS or runs, then /<config>/<method>/seed<seed>); with --seeds, "
+        "the parent of one seed<seed> directory per seed",
     )
     parser.add_argument(
-        "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint"
+        "--resume",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint; several RUN_DIRs (seeds of one config, at the "
+        "same step) continue together in this process",
     )
     parser.add_argument(
         "--set",
@@ -455,23 +544,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0-9' or '0,3,5-7' -> the seeds, in order; argparse reports a ValueError as bad input."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            first, dash, last = part.strip().partition("-")
+            lo, hi = int(first), int(last if dash else first)
+            if hi < lo:
+                raise ValueError
+            seeds.extend(range(lo, hi + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed list {text!r}; write e.g. 0-9 or 0,3,5-7") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seed list {text!r} names a seed twice")
+    return seeds
+
+
 def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     return {"method": args.method, "seed": args.seed, "device": args.device, "deterministic": args.deterministic}
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, dict[str, Any] | None]:
-    """The config, the run directory, and the checkpoint to resume (None for a new run)."""
-    if args.resume is None:
-        config_name = args.config or "mt10"
-        cfg = load_config(config_name, args.overrides, **_explicit(args))
-        run_dir = args.run_dir or runs_root() / Path(config_name).stem / cfg.method / f"seed{cfg.seed}"
+RunSpec = tuple[Config, Path, "dict[str, Any] | None"]  # (config, run directory, checkpoint to resume)
+
+
+def resolve_runs(args: argparse.Namespace) -> list[RunSpec]:
+    """The runs to train: one, several seeds (--seeds), or several resumed run directories."""
+    if args.resume is not None:
+        if args.seeds is not None:
+            raise ConfigError("--seeds starts new runs; to continue seeds together pass their directories to --resume")
+        runs = [resolve_resume(args, run_dir) for run_dir in args.resume]
+        check_trainable_together(runs)
+        return runs
+    config_name = args.config or "mt10"
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    runs = []
+    for seed in seeds:
+        cfg = load_config(config_name, args.overrides, **{**_explicit(args), "seed": seed})
+        if args.run_dir is not None and args.seeds is None:
+            run_dir = args.run_dir
+        else:
+            run_dir = (args.run_dir or runs_root() / Path(config_name).stem / cfg.method) / f"seed{cfg.seed}"
         if (run_dir / CHECKPOINT_NAME).exists() or (run_dir / METRICS_NAME).exists():
             raise RunDirError(
                 f"run directory {run_dir} already holds a run; resume it with --resume {run_dir}, "
                 "or choose another --run-dir"
             )
-        return cfg, run_dir, None
-    run_dir = args.resume
+        runs.append((cfg, run_dir, None))
+    return runs
+
+
+def resolve_resume(args: argparse.Namespace, run_dir: Path) -> RunSpec:
+    """The saved config (with the allowed changes applied) and the checkpoint of ``run_dir``."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise RunDirError(f"{run_dir} is not a run directory (no config.yaml); check the path")
@@ -502,6 +626,30 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, dict[str, Any] 
     return requested, run_dir, state
 
 
+def check_trainable_together(runs: list[RunSpec]) -> None:
+    """Runs trained in one process step together: one config up to the seed, one step count."""
+    if len(runs) < 2:
+        return
+    (first, first_dir, first_state), others = runs[0], runs[1:]
+    seen = {first.seed: first_dir}
+    for cfg, run_dir, state in others:
+        if cfg.seed in seen:
+            raise ConfigError(f"{seen[cfg.seed]} and {run_dir} are both seed {cfg.seed}; resume them separately")
+        seen[cfg.seed] = run_dir
+        differing = diff_configs(first, cfg, allowed=("seed",))
+        if differing:
+            raise ConfigError(
+                f"{first_dir} and {run_dir} differ in {', '.join(differing)}; only seeds of one config train "
+                "together. Resume them in separate commands"
+            )
+        steps = (None if first_state is None else first_state["step"], None if state is None else state["step"])
+        if steps[0] != steps[1]:
+            raise ConfigError(
+                f"{first_dir} is at step {steps[0]} and {run_dir} at step {steps[1]}; seeds train together only "
+                "from the same step. Resume them in separate commands"
+            )
+
+
 def runs_root() -> Path:
     """Where run directories go by default: ./runs, or $RL_MTL_RUNS (the Docker image's /runs)."""
     return Path(os.environ.get("RL_MTL_RUNS", "runs"))
@@ -521,34 +669,54 @@ def run(
     stop_at_step: int | None = None,
 ) -> int:
     """Train one run in ``run_dir`` (new, or resumed from ``state``)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir, progress=progress)
+    return run_together([(cfg, run_dir, state)], progress, stop_at_step)
+
+
+def run_together(runs: list[RunSpec], progress: bool = True, stop_at_step: int | None = None) -> int:
+    """Train one run, or several seeds of one config together (``SeedBatch``), each in its own
+    run directory (new, or resumed from its checkpoint)."""
+    check_trainable_together(runs)
+    trainers: list[Trainer] = []
+    loggers: list[RunLogger] = []
     try:
-        if state is not None:
-            trainer.load_state_dict(state)
-            truncate_metrics(run_dir / METRICS_NAME, trainer.step)
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        metadata = run_metadata(cfg, trainer.device, trainer.deterministic, trainer.tasks)
-        write_text_atomic(run_dir / ("run.json" if state is None else f"run.resumed-{trainer.step}.json"), metadata)
-        logger = RunLogger(run_dir, purge_step=trainer.step + 1 if state is not None else None)
-        previous = _install_signal_handlers(trainer)
+        for cfg, run_dir, state in runs:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trainer = Trainer(cfg, run_dir, progress=progress)
+            trainers.append(trainer)
+            if state is not None:
+                trainer.load_state_dict(state)
+                truncate_metrics(run_dir / METRICS_NAME, trainer.step)
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            metadata = run_metadata(cfg, trainer.device, trainer.deterministic, trainer.tasks)
+            write_text_atomic(run_dir / ("run.json" if state is None else f"run.resumed-{trainer.step}.json"), metadata)
+            loggers.append(RunLogger(run_dir, purge_step=trainer.step + 1 if state is not None else None))
+        if len(trainers) == 1:
+            driver: Any = trainers[0]
+        else:
+            from .seed_batch import SeedBatch  # imports this module
+
+            driver = SeedBatch(trainers)
+        previous = _install_signal_handlers(trainers)
         try:
-            return trainer.train(logger, stop_at_step=stop_at_step)
+            return train_together(driver, trainers, loggers, progress, stop_at_step)
         finally:
             _restore_signal_handlers(previous)
-            logger.close()
     finally:
-        trainer.close()
+        for logger in loggers:
+            logger.close()
+        for trainer in trainers:
+            trainer.close()
 
 
-def _install_signal_handlers(trainer: Trainer) -> dict[int, Any]:
+def _install_signal_handlers(trainers: list[Trainer]) -> dict[int, Any]:
     if not _in_main_thread():
         return {}
 
     def handler(signum: int, _frame: Any) -> None:
-        if trainer.stop_requested:
+        if trainers[0].stop_requested:
             raise KeyboardInterrupt
-        trainer.stop_requested = True
+        for trainer in trainers:
+            trainer.stop_requested = True
         print(
             f"\n{signal.Signals(signum).name}: finishing the current episode, then saving a checkpoint "
             "(send it again to exit at once, keeping the previous checkpoint)",
@@ -572,15 +740,16 @@ def _in_main_thread() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg, run_dir, state = resolve_run(args)
+        runs = resolve_runs(args)
         if args.print_config:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            print(yaml.safe_dump(runs[0][0].to_dict(), sort_keys=False), end="")
             return 0
-        if state is None:
-            print(f"run directory: {run_dir}", file=sys.stderr)
-        else:
-            print(f"resuming {run_dir} from step {state['step']}", file=sys.stderr)
-        return run(cfg, run_dir, state, progress=not args.no_progress)
+        for _, run_dir, state in runs:
+            if state is None:
+                print(f"run directory: {run_dir}", file=sys.stderr)
+            else:
+                print(f"resuming {run_dir} from step {state['step']}", file=sys.stderr)
+        return run_together(runs, progress=not args.no_progress)
     except (ConfigError, EnvError, CheckpointError, NonFiniteLossError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,13 +1,16 @@
 """``python -m rl_mtl.bench train``: end-to-end training throughput on the real vector envs.
 
-Measures in ONE run, side by side: env-only throughput (random actions, the same vector env),
+Measures in ONE run, side by side: env-only throughput (random actions, the same vector envs),
 the update time of each method, and full training throughput (act + step + store + update) per
-method, then the ratios method update / ls update and training / env-only throughput.
+method, then the ratios method update / ls update and training / env-only throughput. With
+``--seeds N`` every number is for N seeds trained together (``SeedBatch``, one vector env per
+seed): a step is then one vector step of every seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -17,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import load_config
+from .config import ConfigError, load_config
 from .envs import VectorEnvRunner, make_vector_env, task_names
+from .seed_batch import SeedBatch
 from .train import Trainer
 
 DEFAULT_METHODS = ["ls", "nashmtl", "fairgrad", "pcgrad", "cagrad"]
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=200, help="vector steps per timed block (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed blocks per method (median)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="seeds trained together per method, as with train --seeds (default 1)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="smoke config and a tiny budget (CI)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
@@ -41,36 +48,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def env_only_throughput(env: Any, num_tasks: int, steps: int, rounds: int, seed: int) -> float:
-    """Vector steps per second with random actions (median over rounds)."""
-    runner = VectorEnvRunner(env, num_tasks)
-    runner.reset_all()
+def env_only_throughput(envs: list[Any], num_tasks: int, steps: int, rounds: int, seed: int) -> float:
+    """Vector steps per second (of every env together) with random actions, median over rounds.
+    Every env is sent its actions before any is waited on, as the trainer does."""
+    runners = [VectorEnvRunner(env, num_tasks) for env in envs]
+    for runner in runners:
+        runner.reset_all()
     rng = np.random.default_rng(seed)
-    action_dim = env.single_action_space.shape[0]
+    action_dim = envs[0].single_action_space.shape[0]
     rates = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(steps):
-            _, _, terminated, truncated = runner.step(rng.uniform(-1, 1, (num_tasks, action_dim)))
-            done = terminated | truncated
-            if done.any():
-                runner.reset_finished(done)
+            for runner in runners:
+                runner.step_async(rng.uniform(-1, 1, (num_tasks, action_dim)))
+            for runner in runners:
+                _, _, terminated, truncated = runner.step_wait()
+                done = terminated | truncated
+                if done.any():
+                    runner.reset_finished(done)
         rates.append(steps / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
-def advance(trainer: Trainer, learn: bool = False) -> None:
-    """One collection step (with an update, overlapped with the env step when the trainer
-    overlaps); finished episodes are reset, as the trainer's loop does."""
-    if learn and trainer.overlap:
-        terminated, truncated = trainer.collect_step(lambda: trainer.learn(diagnostics=False))
-    else:
-        terminated, truncated = trainer.collect_step()
-        if learn:
-            trainer.learn(diagnostics=False)
-    done = terminated | truncated
-    if done.any():
-        trainer.runner.reset_finished(done)
+def advance(driver: Trainer | SeedBatch, trainers: list[Trainer], learn: bool = False) -> None:
+    """One collection step of every seed (with an update, overlapped with the env step when the
+    trainer overlaps); finished episodes are reset, as the training loop does."""
+    outcomes = driver.advance(learn, False)
+    for trainer, (terminated, truncated) in zip(trainers, outcomes, strict=True):
+        done = terminated | truncated
+        if done.any():
+            trainer.runner.reset_finished(done)
+        trainer.obs = trainer.runner.obs
 
 
 def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,64 +92,81 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
         f"train.warmup_steps={warmup}",
         f"train.buffer_capacity_per_task={warmup + 4 * steps}",
     ]
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
+    seeds = list(range(args.seeds))
     base = load_config(config, overrides, device=args.device)
     tasks = task_names(base.env)
-    env = make_vector_env(base.env, base.seed)
-    trainers: dict[str, Trainer] = {}
+    envs = [make_vector_env(base.env, seed) for seed in seeds]  # one per seed, shared by the methods
+    drivers: dict[str, tuple[Trainer | SeedBatch, list[Trainer]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            cfg = load_config(config, overrides, device=args.device, method=method)
-            trainers[method] = Trainer(cfg, Path(tmp), progress=False, env=env, eval_env=env)
-        device = next(iter(trainers.values())).device
-        overlap = next(iter(trainers.values())).overlap
-        print(f"device: {device}  config: {config}  tasks: {len(tasks)}  vector strategy: {base.env.vector_strategy}  "
-              f"overlap: {overlap}  "
+            trainers = [
+                Trainer(
+                    load_config(config, overrides, device=args.device, method=method, seed=seed),
+                    Path(tmp),
+                    progress=False,
+                    env=env,
+                    eval_env=env,
+                )
+                for seed, env in zip(seeds, envs, strict=True)
+            ]
+            drivers[method] = (trainers[0] if len(trainers) == 1 else SeedBatch(trainers), trainers)
+        lead = next(iter(drivers.values()))[1][0]
+        device, overlap = lead.device, lead.overlap
+        print(f"device: {device}  config: {config}  tasks: {len(tasks)}  seeds together: {len(seeds)}  "
+              f"vector strategy: {base.env.vector_strategy}  overlap: {overlap}  "
               f"networks: {base.agent.hidden_sizes}  batch: {base.train.batch_size_per_task}/task  "
               f"torch threads: {torch.get_num_threads()}")  # fmt: skip
-        env_sps = env_only_throughput(env, len(tasks), steps, rounds, base.seed)
+        env_sps = env_only_throughput(envs, len(tasks), steps, rounds, base.seed)
 
-        for trainer in trainers.values():  # random-action warm-up fills each replay buffer
-            while trainer.step < warmup:
-                advance(trainer)
-            trainer.learn(diagnostics=False)  # first-call overheads out of the timings
-        update_ms: dict[str, list[float]] = {m: [] for m in trainers}
-        train_sps: dict[str, list[float]] = {m: [] for m in trainers}
+        for driver, trainers in drivers.values():  # random-action warm-up fills each replay buffer
+            while trainers[0].step < warmup:
+                advance(driver, trainers)
+            driver.learn(diagnostics=False)  # first-call overheads out of the timings
+        update_ms: dict[str, list[float]] = {m: [] for m in drivers}
+        train_sps: dict[str, list[float]] = {m: [] for m in drivers}
         for _ in range(rounds):  # interleaved: a noisy neighbour slows every method alike
-            for method, trainer in trainers.items():
+            for method, (driver, _) in drivers.items():
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(steps):
-                    trainer.learn(diagnostics=False)
+                    driver.learn(diagnostics=False)
                 _sync(device)
                 update_ms[method].append((time.perf_counter() - start) / steps * 1e3)
-            for method, trainer in trainers.items():
+            for method, (driver, trainers) in drivers.items():
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(steps):
-                    advance(trainer, learn=True)
+                    advance(driver, trainers, learn=True)
                 _sync(device)
                 train_sps[method].append(steps / (time.perf_counter() - start))
-    env.close()
+    for env in envs:
+        env.close()
 
     ls_update = statistics.median(update_ms["ls"]) if "ls" in update_ms else None
+    batches = math.ceil(PROTOCOL_SEEDS / len(seeds))  # seed batches run one after another
     rows = []
-    for method in trainers:
+    for method in drivers:
         upd, sps = statistics.median(update_ms[method]), statistics.median(train_sps[method])
         rows.append({
             "method": method, "update_ms": upd, "update_over_ls": None if ls_update is None else upd / ls_update,
             "train_steps_per_s": sps, "train_over_env_only": sps / env_sps,
-            "protocol_hours_10_seeds_sequential": PROTOCOL_SEEDS * PROTOCOL_STEPS / sps / 3600,
+            "protocol_hours_10_seeds": batches * PROTOCOL_STEPS / sps / 3600,
         })  # fmt: skip
-    print(f"\nenv-only (random actions): {env_sps:.1f} vector steps/s ({env_sps * len(tasks):.0f} env steps/s)")
+    env_steps = env_sps * len(tasks) * len(seeds)
+    print(f"\nenv-only (random actions): {env_sps:.1f} vector steps/s ({env_steps:.0f} env steps/s)")
+    plan = "one after another" if len(seeds) == 1 else f"{batches} batch(es) of {len(seeds)}"
     print(f"\n{'method':<10} {'update ms':>10} {'/ ls':>7} {'train steps/s':>14} {'/ env-only':>11} "
-          f"{'10 seeds x 2M, one after another':>34}")  # fmt: skip
+          f"{'10 seeds x 2M, ' + plan:>34}")  # fmt: skip
     for r in rows:
         ratio = "-" if r["update_over_ls"] is None else f"{r['update_over_ls']:.2f}x"
         print(f"{r['method']:<10} {r['update_ms']:>10.2f} {ratio:>7} {r['train_steps_per_s']:>14.1f} "
-              f"{r['train_over_env_only']:>10.2f}x {r['protocol_hours_10_seeds_sequential']:>31.0f} h")  # fmt: skip
+              f"{r['train_over_env_only']:>10.2f}x {r['protocol_hours_10_seeds']:>31.1f} h")  # fmt: skip
     print(
-        "\n(medians over interleaved timed blocks; the wall-clock column extrapolates the measured training "
-        "throughput of this config to 10 seeds of 2M steps run one after another, evaluations excluded)"
+        "\n(medians over interleaved timed blocks; a step is one vector step of every seed; the wall-clock "
+        "column extrapolates the measured training throughput of this config to 10 seeds of 2M steps, run in "
+        "batches of --seeds, evaluations excluded)"
     )
-    return {"device": str(device), "config": config, "tasks": len(tasks), "steps_per_block": steps,
+    return {"device": str(device), "config": config, "tasks": len(tasks), "seeds": len(seeds), "steps_per_block": steps,
             "rounds": rounds, "env_only_steps_per_s": env_sps, "methods": rows}  # fmt: skip

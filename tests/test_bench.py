@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from rl_mtl.bench import main
 
 
@@ -26,3 +28,14 @@ def test_training_benchmark_quick_mode_reports_ratios(tmp_path, capsys):
     assert rows["ls"]["update_over_ls"] == 1.0 and rows["nashmtl"]["update_over_ls"] > 0
     assert rows["nashmtl"]["train_over_env_only"] > 0
     assert "env-only (random actions)" in capsys.readouterr().out
+
+
+def test_training_benchmark_measures_seeds_trained_together(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert main(["train", "--quick", "--device", "cpu", "--methods", "ls", "--seeds", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["seeds"] == 2 and result["methods"][0]["train_steps_per_s"] > 0
+    # 10 seeds in 5 batches of 2: 5 x 2M steps at the measured batched throughput
+    row = result["methods"][0]
+    assert row["protocol_hours_10_seeds"] == pytest.approx(5 * 2e6 / row["train_steps_per_s"] / 3600)
+    assert "5 batch(es) of 2" in capsys.readouterr().out

@@ -206,16 +206,28 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in c]
 
 
-def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_gramian(tmp_path):
-    """ls computes no Gramian on most steps; the update must still be refused."""
-    from rl_mtl.agents import MultiTaskSAC
+def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_gramian(monkeypatch):
+    """ls computes no Gramian; an update whose losses are finite but whose gradient overflowed
+    must still be refused, leaving the networks untouched."""
+    from rl_mtl.agents import MultiTaskSAC, sac
     from rl_mtl.aggregators import make_aggregator
-    from rl_mtl.gradients import TaskGradients
+    from rl_mtl.buffers import Batch
 
     agent = MultiTaskSAC(5, 2, 3, load_config("smoke").agent, torch.device("cpu"))
-    agg = make_aggregator("ls")
-    finite = TaskGradients(losses=torch.ones(3), shared={"w": torch.ones(3, 4)}, task_specific={})
-    assert agent._combine(finite, agg, need_diagnostics=False)[0] is not None
-    overflow = TaskGradients(losses=torch.ones(3), shared={"w": torch.full((3, 4), float("inf"))}, task_specific={})
-    assert agent._combine(overflow, agg, need_diagnostics=False) == (None, None)
+    aggs = (make_aggregator("ls"), make_aggregator("ls"))
+    batch = Batch(torch.randn(3, 4, 5), torch.zeros(3, 4, 2), torch.ones(3, 4), torch.randn(3, 4, 5), torch.zeros(3, 4))
+    assert agent.update(batch, *aggs) is not None and agent.nonfinite_total == 0
+
+    exact = sac.critic_gradients
+
+    def overflowing(*args):
+        losses, shared, task, aux = exact(*args)
+        name = next(iter(shared))
+        shared[name] = torch.full_like(shared[name], float("inf"))
+        return losses, shared, task, aux
+
+    monkeypatch.setattr(sac, "critic_gradients", overflowing)
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    assert agent.update(batch, *aggs) is None
     assert agent.nonfinite_total == 1
+    assert all(torch.equal(v, before[k]) for k, v in agent.state_dict().items())

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 Params = dict[str, Tensor]
+SplitParams = tuple[Params, Params]  # (shared, per-task [K, ...])
 
 
 def _init_linear(weight: Tensor, bias: Tensor, scheme: str) -> None:
@@ -127,13 +128,14 @@ class Actor(nn.Module):
         """One task: the deterministic action tanh(mean)."""
         return torch.tanh(self._mean_log_std(shared, task, obs)[0])
 
-    def sample(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """All tasks: obs [K, B, obs_dim], noise [K, B, A] -> actions [K, B, A], log-probs [K, B]."""
-        shared, task = self.split()
+    def sample(self, obs: Tensor, noise: Tensor, params: SplitParams | None = None) -> tuple[Tensor, Tensor]:
+        """All tasks: obs [K, B, obs_dim], noise [K, B, A] -> actions [K, B, A], log-probs [K, B].
+        ``params``: (shared, per-task) parameters to use instead of the module's own."""
+        shared, task = params or self.split()
         return vmap(self.sample_one, in_dims=(None, 0, 0, 0))(shared, task, obs, noise)
 
-    def mode(self, obs: Tensor) -> Tensor:
-        shared, task = self.split()
+    def mode(self, obs: Tensor, params: SplitParams | None = None) -> Tensor:
+        shared, task = params or self.split()
         return vmap(self.mode_one, in_dims=(None, 0, 0))(shared, task, obs)
 
 
@@ -163,6 +165,6 @@ class TwinCritic(nn.Module):
         q2 = self.q2.forward_one(sub_params(shared, "q2"), sub_params(task, "q2"), x)
         return q1.squeeze(-1), q2.squeeze(-1)
 
-    def forward(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
-        shared, task = self.split()
+    def forward(self, obs: Tensor, action: Tensor, params: SplitParams | None = None) -> tuple[Tensor, Tensor]:
+        shared, task = params or self.split()
         return vmap(self.forward_one, in_dims=(None, 0, 0, 0))(shared, task, obs, action)

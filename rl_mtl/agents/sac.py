@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from ..aggregators import Aggregator
 from ..buffers import Batch
 from ..config import AgentConfig
-from ..gradients import TaskGradients, detached, task_gradients, write_gradients
-from .networks import Actor, TwinCritic
+from ..gradients import TaskGradients, detached, task_gradient_fields, write_gradients
+from .networks import Actor, Params, SplitParams, TwinCritic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,8 +71,7 @@ class MultiTaskSAC(nn.Module):
         obs = obs[:, None]
         if deterministic:
             return self.actor.mode(obs)[:, 0]
-        noise = torch.randn(obs.shape[0], 1, self.action_dim, generator=self.generator, device=self.device)
-        return self.actor.sample(obs, noise)[0][:, 0]
+        return self.actor.sample(obs, self.noise(obs.shape[0], 1))[0][:, 0]
 
     def temperatures(self) -> Tensor:
         """[K]: the temperature each task uses."""
@@ -83,68 +82,114 @@ class MultiTaskSAC(nn.Module):
         self, batch: Batch, critic_aggregator: Aggregator, actor_aggregator: Aggregator, need_diagnostics: bool = False
     ) -> dict[str, Tensor] | None:
         """One SAC update. Returns per-task metric tensors (on the device), or None when the
-        update was skipped because a loss or gradient was not finite."""
+        update was skipped because a loss or gradient was not finite.
+
+        The seed-batched agent (``SeedStackedSAC``) runs the same steps for several agents at
+        once: the pure functions below under ``vmap`` over seeds, the ``apply_*`` methods per seed.
+        """
         k, b = batch.reward.shape
         alpha = self.temperatures().detach()
-
-        with torch.no_grad():
-            noise = torch.randn(k, b, self.action_dim, generator=self.generator, device=self.device)
-            next_action, next_log_prob = self.actor.sample(batch.next_obs, noise)
-            target_q1, target_q2 = self.critic_target(batch.next_obs, next_action)
-            soft_value = torch.min(target_q1, target_q2) - alpha[:, None] * next_log_prob
-            td_target = batch.reward + self.cfg.gamma * (1.0 - batch.terminated) * soft_value  # [K, B]
-
-        critic = self.critic
-
-        def critic_loss(shared, task, task_batch):
-            obs, action, target = task_batch
-            q1, q2 = critic.forward_one(shared, task, obs, action)
-            return ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
-
-        critic_shared, critic_task = critic.split()
-        critic_grads = task_gradients(critic_loss, critic_shared, critic_task, (batch.obs, batch.action, td_target))
-        critic_weights, critic_gram = self._combine(critic_grads, critic_aggregator, need_diagnostics)
+        td_target = soft_td_target(
+            self.actor, self.critic, self.actor.split(), self.critic_target.split(), batch.next_obs,
+            batch.reward, batch.terminated, self.noise(k, b), alpha, self.cfg.gamma,
+        )  # fmt: skip
+        critic_grads = TaskGradients(
+            *critic_gradients(self.critic, *self.critic.split(), batch.obs, batch.action, td_target)
+        )
+        critic_gram = self.gramian_for(critic_grads, critic_aggregator, need_diagnostics)
+        critic_finite = bool(torch.isfinite(critic_grads.total()))  # one host sync per loss
+        critic_weights = self.apply_critic(critic_grads, critic_gram, critic_finite, critic_aggregator)
         if critic_weights is None:
             return None
-        write_gradients(critic_shared, critic_task, critic_grads, critic_weights)
-        self.critic_optimizer.step()
 
         # The actor sees the updated critic as a constant: its parameters enter as plain tensors.
-        critic_shared_now, critic_task_now = detached(critic_shared), detached(critic_task)
-        actor = self.actor
-
-        def actor_loss(shared, task, task_batch):
-            obs, noise_k, alpha_k, critic_task_k = task_batch
-            action, log_prob = actor.sample_one(shared, task, obs, noise_k)
-            q1, q2 = critic.forward_one(critic_shared_now, critic_task_k, obs, action)
-            return (alpha_k * log_prob - torch.min(q1, q2)).mean(), log_prob.mean()
-
-        noise = torch.randn(k, b, self.action_dim, generator=self.generator, device=self.device)
-        actor_shared, actor_task = actor.split()
-        actor_batch = (batch.obs, noise, alpha, critic_task_now)
-        actor_grads = task_gradients(actor_loss, actor_shared, actor_task, actor_batch, has_aux=True)
-        actor_weights, actor_gram = self._combine(actor_grads, actor_aggregator, need_diagnostics)
+        critic_now = tuple(detached(p) for p in self.critic.split())
+        noise = self.noise(k, b)
+        actor_grads = TaskGradients(
+            *actor_gradients(self.actor, self.critic, *self.actor.split(), *critic_now, batch.obs, noise, alpha)
+        )
+        actor_gram = self.gramian_for(actor_grads, actor_aggregator, need_diagnostics)
+        actor_finite = bool(torch.isfinite(actor_grads.total()))
+        actor_weights = self.apply_actor(actor_grads, actor_gram, actor_finite, actor_aggregator)
         if actor_weights is None:
             return None
-        write_gradients(actor_shared, actor_task, actor_grads, actor_weights)
-        self.actor_optimizer.step()
+        self.apply_temperature(actor_grads.aux)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau)
+        return self.update_metrics(critic_grads, actor_grads, critic_weights, actor_weights, critic_gram, actor_gram)
 
-        # Temperature: per task, each log-alpha gets its own task's gradient; shared: the mean.
-        mean_log_prob = actor_grads.aux.detach()  # [K]
-        per_task_loss = -self.log_alpha.expand(k) * (mean_log_prob + self.target_entropy)
-        self.temperature_optimizer.zero_grad(set_to_none=True)
-        (per_task_loss.sum() if self.log_alpha.numel() == k else per_task_loss.mean()).backward()
+    def noise(self, num_tasks: int, batch_size: int) -> Tensor:
+        """Standard normal noise [K, B, A] from this agent's generator."""
+        return torch.randn(num_tasks, batch_size, self.action_dim, generator=self.generator, device=self.device)
+
+    @staticmethod
+    def gramian_for(grads: TaskGradients, aggregator: Aggregator, need_diagnostics: bool) -> Tensor | None:
+        """The Gramian when the aggregator or the diagnostics need it (None: not computed)."""
+        if grads.shared and (aggregator.needs_gramian() or need_diagnostics):
+            return grads.gramian()
+        return None
+
+    def apply_critic(
+        self, grads: TaskGradients, gramian: Tensor | None, finite: bool, aggregator: Aggregator
+    ) -> Tensor | None:
+        """Aggregate, write .grad, step the critic's optimiser; None (nothing changed) if not finite."""
+        return self._step_network(self.critic, self.critic_optimizer, grads, gramian, finite, aggregator)
+
+    def apply_actor(
+        self, grads: TaskGradients, gramian: Tensor | None, finite: bool, aggregator: Aggregator
+    ) -> Tensor | None:
+        return self._step_network(self.actor, self.actor_optimizer, grads, gramian, finite, aggregator)
+
+    def _step_network(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        grads: TaskGradients,
+        gramian: Tensor | None,
+        finite: bool,
+        aggregator: Aggregator,
+    ) -> Tensor | None:
+        # A non-finite loss or gradient must never reach the optimiser. ``finite`` checks the
+        # gradients themselves (a finite loss can still overflow in backward), whether or not
+        # this step computes the Gramian.
+        if not finite:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            return None
+        self.nonfinite_streak = 0
+        if not grads.shared:  # independent networks: nothing to aggregate
+            weights = torch.ones_like(grads.losses)
+        else:
+            weights = aggregator(gramian if aggregator.needs_gramian() else None, grads.losses)
+        write_gradients(*network.split(), grads, weights)
+        optimizer.step()
+        return weights
+
+    def apply_temperature(self, mean_log_prob: Tensor) -> None:
+        """Temperature step. The loss is -log_alpha_k (mean log pi_k + target entropy): per task,
+        each log-alpha gets its own task's gradient; shared, the mean over tasks. Written as the
+        gradient itself: no autograd graph for K numbers."""
+        gap = mean_log_prob.detach() + self.target_entropy
+        k = gap.shape[0]
+        self.log_alpha.grad = -gap if self.log_alpha.numel() == k else -(gap / k).sum().reshape(1)
         self.temperature_optimizer.step()
 
-        with torch.no_grad():
-            target_params = list(self.critic_target.parameters())
-            torch._foreach_lerp_(target_params, list(self.critic.parameters()), self.cfg.tau)
-
+    def update_metrics(
+        self,
+        critic_grads: TaskGradients,
+        actor_grads: TaskGradients,
+        critic_weights: Tensor,
+        actor_weights: Tensor,
+        critic_gram: Tensor | None,
+        actor_gram: Tensor | None,
+    ) -> dict[str, Tensor]:
         metrics = {
             "critic_loss": critic_grads.losses,
             "actor_loss": actor_grads.losses,
             "temperature": self.temperatures().detach(),
-            "entropy": -mean_log_prob,
+            "entropy": -actor_grads.aux.detach(),
             "critic_weights": critic_weights,
             "actor_weights": actor_weights,
         }
@@ -152,28 +197,6 @@ class MultiTaskSAC(nn.Module):
             metrics["critic_min_cosine"] = min_pairwise_cosine(critic_gram)
             metrics["actor_min_cosine"] = min_pairwise_cosine(actor_gram)
         return metrics
-
-    def _combine(
-        self, grads: TaskGradients, aggregator: Aggregator, need_diagnostics: bool
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Weights for the task gradients, or (None, None) to skip a non-finite update."""
-        has_shared = bool(grads.shared)
-        need_gramian = has_shared and (aggregator.needs_gramian() or need_diagnostics)
-        gramian = grads.gramian() if need_gramian else None
-        # One host sync per loss: a non-finite loss or gradient must never reach the optimiser.
-        # The gradients are checked themselves (a finite loss can still overflow in backward),
-        # whether or not this step computes the Gramian.
-        if not bool(torch.isfinite(grads.total())):
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-            self.critic_optimizer.zero_grad(set_to_none=True)
-            self.actor_optimizer.zero_grad(set_to_none=True)
-            return None, None
-        self.nonfinite_streak = 0
-        if not has_shared:  # independent networks: nothing to aggregate
-            return torch.ones_like(grads.losses), None
-        weights = aggregator(gramian if aggregator.needs_gramian() else None, grads.losses)
-        return weights, gramian
 
     # -- checkpointing --------------------------------------------------------------------------
     def training_state(self) -> dict[str, Any]:
@@ -195,3 +218,63 @@ class MultiTaskSAC(nn.Module):
         self.generator.set_state(state["generator"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.nonfinite_total = int(state["nonfinite_total"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The update's pure parts: functions of explicit parameters, so that the seed-batched agent can
+# run them under vmap over seeds with stacked parameters (the same code per seed).
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def soft_td_target(
+    actor: Actor,
+    critic: TwinCritic,
+    actor_params: SplitParams,
+    target_params: SplitParams,
+    next_obs: Tensor,
+    reward: Tensor,
+    terminated: Tensor,
+    noise: Tensor,
+    alpha: Tensor,
+    gamma: float,
+) -> Tensor:
+    """r + gamma (1 - terminated) (min target Q(s', a') - alpha log pi(a'|s')), [K, B]."""
+    next_action, next_log_prob = actor.sample(next_obs, noise, actor_params)
+    target_q1, target_q2 = critic(next_obs, next_action, target_params)
+    soft_value = torch.min(target_q1, target_q2) - alpha[:, None] * next_log_prob
+    return reward + gamma * (1.0 - terminated) * soft_value
+
+
+def critic_gradients(
+    critic: TwinCritic, shared: Params, task: Params, obs: Tensor, action: Tensor, td_target: Tensor
+) -> tuple:
+    """Per-task gradients of the twin critics' squared TD errors (``task_gradient_fields``)."""
+
+    def critic_loss(shared, task, task_batch):
+        obs, action, target = task_batch
+        q1, q2 = critic.forward_one(shared, task, obs, action)
+        return ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
+
+    return task_gradient_fields(critic_loss, shared, task, (obs, action, td_target))
+
+
+def actor_gradients(
+    actor: Actor,
+    critic: TwinCritic,
+    shared: Params,
+    task: Params,
+    critic_shared: Params,
+    critic_task: Params,
+    obs: Tensor,
+    noise: Tensor,
+    alpha: Tensor,
+) -> tuple:
+    """Per-task gradients of alpha_k log pi - min Q against a constant critic; aux: the mean
+    log-probability per task (for the temperature)."""
+
+    def actor_loss(shared, task, task_batch):
+        obs, noise_k, alpha_k, critic_task_k = task_batch
+        action, log_prob = actor.sample_one(shared, task, obs, noise_k)
+        q1, q2 = critic.forward_one(critic_shared, critic_task_k, obs, action)
+        return (alpha_k * log_prob - torch.min(q1, q2)).mean(), log_prob.mean()
+
+    return task_gradient_fields(actor_loss, shared, task, (obs, noise, alpha, critic_task), has_aux=True)

@@ -6,7 +6,16 @@ from .metaworld_envs import (
     VectorEnvRunner,
     make_vector_env,
     run_evaluation,
+    run_evaluations,
     task_names,
 )
 
-__all__ = ["EnvError", "RewardNormalizer", "VectorEnvRunner", "make_vector_env", "run_evaluation", "task_names"]
+__all__ = [
+    "EnvError",
+    "RewardNormalizer",
+    "VectorEnvRunner",
+    "make_vector_env",
+    "run_evaluation",
+    "run_evaluations",
+    "task_names",
+]

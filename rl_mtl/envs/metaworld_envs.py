@@ -200,17 +200,26 @@ def run_evaluation(env: Any, policy: Any, episodes: int, max_steps: int) -> tupl
     Returns per-task success rate and mean return, arrays [K]. An episode succeeds if the success
     flag was 1 at any step (PROTOCOL.md). Every reset of an evaluation env moves to the next goal.
     """
-    num_tasks = env.num_envs
-    successes = np.zeros(num_tasks)
-    returns = np.zeros(num_tasks)
+    success, returns = run_evaluations([env], lambda obs: policy(obs[0])[None], episodes, max_steps)
+    return success[0], returns[0]
+
+
+def run_evaluations(envs: list[Any], policy: Any, episodes: int, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``run_evaluation`` for several vector envs in lockstep (one per seed trained together):
+    ``policy`` maps obs [S, K, obs_dim] to actions [S, K, A]; every env is sent its actions before
+    any is waited on, so async envs step in parallel. Returns success and return arrays [S, K]."""
+    runners = [VectorEnvRunner(env, env.num_envs) for env in envs]
+    successes = np.zeros((len(envs), runners[0].num_tasks))
+    returns = np.zeros_like(successes)
     for _ in range(episodes):
-        obs, _ = env.reset()
-        episode_success = np.zeros(num_tasks)
+        obs = np.stack([runner.reset_all() for runner in runners])
         for _ in range(max_steps):
-            obs, reward, terminated, truncated, info = env.step(policy(obs))
-            returns += reward
-            episode_success = np.maximum(episode_success, np.asarray(info["success"], dtype=np.float64))
-            if np.all(terminated | truncated):
+            for runner, action in zip(runners, policy(obs), strict=True):
+                runner.step_async(action)
+            steps = [runner.step_wait() for runner in runners]
+            obs = np.stack([next_obs for next_obs, _, _, _ in steps])
+            if all(np.all(terminated | truncated) for _, _, terminated, truncated in steps):
                 break
-        successes += episode_success
+        successes += np.stack([runner.episode_success for runner in runners])
+        returns += np.stack([runner.episode_return for runner in runners])
     return successes / episodes, returns / episodes

@@ -1,0 +1,168 @@
+"""Several independent SAC agents (one per seed) trained together: ``SeedStackedSAC``.
+
+Each seed keeps a complete ``MultiTaskSAC``: its own optimisers, noise generator, temperature,
+non-finite bookkeeping, checkpoint format. Only the storage of the parameters is shared: every
+parameter of every seed is a slice of one stacked [S, ...] tensor, so
+
+  * the forward passes and the per-task gradients of all S seeds are ONE ``vmap`` over the seed
+    axis of the very functions the single-seed update calls (``soft_td_target``,
+    ``critic_gradients``, ``actor_gradients``): S x K tasks in one batched pass;
+  * each seed's aggregator and optimiser step (``apply_critic`` / ``apply_actor``) run per seed,
+    writing through their parameters into the stack.
+
+So a seed's update is the single-seed algorithm on the same numbers; it differs from a run of
+its own only by floating-point summation order inside the batched kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from ..aggregators import Aggregator
+from ..buffers import Batch
+from ..gradients import TaskGradients, seed_task_gradients
+from .networks import Params, sub_params
+from .sac import MultiTaskSAC, actor_gradients, critic_gradients, soft_td_target
+
+
+def stack_parameters(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
+    """Stack the same-named parameters of identically built modules into [S, ...] tensors and
+    make each module's parameter a view of its slice (the Parameter objects stay the same, so
+    optimisers keep working; an in-place step on one seed's parameter updates the stack)."""
+    named = [dict(m.named_parameters()) for m in modules]
+    stacked = {}
+    for name in named[0]:
+        params = [n[name] for n in named]
+        stacked[name] = torch.stack([p.detach() for p in params])
+        for s, p in enumerate(params):
+            p.data = stacked[name][s]
+    return stacked
+
+
+def _split(params: Params, names: tuple[dict[str, Tensor], dict[str, Tensor]]) -> tuple[Params, Params]:
+    """Partition stacked parameters into (shared, per-task) like the module's own ``split``."""
+    shared, task = names
+    return {n: params[n] for n in shared}, {n: params[n] for n in task}
+
+
+class SeedStackedSAC:
+    def __init__(self, agents: Sequence[MultiTaskSAC]) -> None:
+        if len({a.device for a in agents}) != 1:
+            raise ValueError("all seeds' agents must live on one device")
+        self.agents = list(agents)
+        self.model = agents[0]  # the architecture (its forward functions take explicit parameters)
+        stacked = stack_parameters(agents)
+        self.actor = _split(sub_params(stacked, "actor"), self.model.actor.split())
+        self.critic = _split(sub_params(stacked, "critic"), self.model.critic.split())
+        self.critic_target = _split(sub_params(stacked, "critic_target"), self.model.critic_target.split())
+        self.log_alpha = stacked["log_alpha"]  # [S, 1 or K]
+        self.critic_params = list(sub_params(stacked, "critic").values())
+        self.target_params = list(sub_params(stacked, "critic_target").values())
+
+    @property
+    def num_seeds(self) -> int:
+        return len(self.agents)
+
+    def _noise(self, num_tasks: int, batch_size: int, seeds: Sequence[int] | None = None) -> Tensor:
+        """[S, K, B, A]: each seed's noise from its own generator (zeros for seeds not listed,
+        whose generators are then not advanced, as a skipped single-seed update does not)."""
+        chosen = range(self.num_seeds) if seeds is None else seeds
+        draws = {s: self.agents[s].noise(num_tasks, batch_size) for s in chosen}
+        zero = torch.zeros_like(next(iter(draws.values()))) if draws else None
+        return torch.stack([draws.get(s, zero) for s in range(self.num_seeds)])
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:
+        """obs [S, K, obs_dim] -> actions [S, K, A]: every seed's policy in one pass."""
+        obs = obs[:, :, None]
+        actor = self.model.actor
+        if deterministic:
+            return vmap(lambda sh, tk, o: actor.mode(o, (sh, tk)))(*self.actor, obs)[:, :, 0]
+        noise = self._noise(obs.shape[1], 1)
+        return vmap(lambda sh, tk, o, n: actor.sample(o, n, (sh, tk))[0])(*self.actor, obs, noise)[:, :, 0]
+
+    def temperatures(self) -> Tensor:
+        return self.log_alpha.exp().expand(self.num_seeds, self.model.num_tasks)
+
+    def update(
+        self,
+        batch: Batch,
+        critic_aggregators: Sequence[Aggregator],
+        actor_aggregators: Sequence[Aggregator],
+        need_diagnostics: bool = False,
+    ) -> list[dict[str, Tensor] | None]:
+        """One SAC update of every seed on its own batch ([S, K, B, ...]). Returns each seed's
+        metrics, or None for a seed whose update was skipped (non-finite), as
+        ``MultiTaskSAC.update`` does."""
+        _, k, b = batch.reward.shape
+        model, agents = self.model, self.agents
+        alpha = self.temperatures().detach()
+        gamma = model.cfg.gamma
+
+        def td_target(actor_sh, actor_tk, target_sh, target_tk, next_obs, reward, terminated, noise, alpha):
+            return soft_td_target(model.actor, model.critic, (actor_sh, actor_tk), (target_sh, target_tk),
+                                  next_obs, reward, terminated, noise, alpha, gamma)  # fmt: skip
+
+        td = vmap(td_target)(*self.actor, *self.critic_target, batch.next_obs, batch.reward, batch.terminated,
+                             self._noise(k, b), alpha)  # fmt: skip
+        critic_grads = seed_task_gradients(
+            lambda sh, tk, obs, action, target: critic_gradients(model.critic, sh, tk, obs, action, target),
+            *self.critic, batch.obs, batch.action, td,
+        )  # fmt: skip
+        critic_weights, critic_grams = self._apply("critic", critic_grads, critic_aggregators, need_diagnostics)
+        alive = [s for s, w in enumerate(critic_weights) if w is not None]
+        if not alive:
+            return [None] * self.num_seeds
+
+        critic_now = tuple({n: p.detach() for n, p in part.items()} for part in self.critic)
+        actor_grads = seed_task_gradients(
+            lambda sh, tk, csh, ctk, obs, noise, alpha: actor_gradients(
+                model.actor, model.critic, sh, tk, csh, ctk, obs, noise, alpha
+            ),
+            *self.actor, *critic_now, batch.obs, self._noise(k, b, alive), alpha,
+        )  # fmt: skip
+        actor_weights, actor_grams = self._apply("actor", actor_grads, actor_aggregators, need_diagnostics, alive)
+        done = [s for s in alive if actor_weights[s] is not None]
+        for s in done:
+            agents[s].apply_temperature(actor_grads.aux[s])
+        with torch.no_grad():
+            if len(done) == self.num_seeds:  # the usual case: one Polyak step for the whole stack
+                torch._foreach_lerp_(self.target_params, self.critic_params, model.cfg.tau)
+            else:  # some seeds skipped their update (non-finite): the others, one by one
+                for s in done:
+                    targets, sources = [p[s] for p in self.target_params], [p[s] for p in self.critic_params]
+                    torch._foreach_lerp_(targets, sources, model.cfg.tau)
+        metrics: list[dict[str, Tensor] | None] = [None] * self.num_seeds
+        for s in done:
+            metrics[s] = agents[s].update_metrics(
+                critic_grads.seed(s), actor_grads.seed(s), critic_weights[s], actor_weights[s], critic_grams[s],
+                actor_grams[s],
+            )  # fmt: skip
+        return metrics
+
+    def _apply(
+        self,
+        network: str,
+        grads: TaskGradients,
+        aggregators: Sequence[Aggregator],
+        need_diagnostics: bool,
+        seeds: Sequence[int] | None = None,
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """Each listed seed's aggregation and optimiser step; (weights or None, Gramian or None)."""
+        seeds = range(self.num_seeds) if seeds is None else seeds
+        needs = bool(grads.shared) and (need_diagnostics or any(aggregators[s].needs_gramian() for s in seeds))
+        grams = grads.gramian() if needs else None  # [S, K, K]: one batched product for every seed
+        finite = torch.isfinite(grads.total()).tolist()  # one host sync for all seeds
+        weights: list[Tensor | None] = [None] * self.num_seeds
+        used: list[Tensor | None] = [None] * self.num_seeds
+        for s in seeds:
+            agent, agg = self.agents[s], aggregators[s]
+            gram = grams[s] if grams is not None and (agg.needs_gramian() or need_diagnostics) else None
+            apply = agent.apply_critic if network == "critic" else agent.apply_actor
+            weights[s] = apply(grads.seed(s), gram, bool(finite[s]), agg)
+            used[s] = gram
+        return weights, used
