@@ -323,8 +323,8 @@ class Trainer:
         evaluation: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> int | None:
         """Log, evaluate, checkpoint and reset finished episodes after a collection step.
-        ``evaluation``: this step's (success, return) per task when already evaluated (with other
-        seeds, by a SeedBatch). Returns EXIT_INTERRUPTED when a requested stop has been saved."""
+        ``evaluation``: this step's (success, return) per task when the loop evaluated (see
+        ``eval_due``). Returns EXIT_INTERRUPTED when a requested stop has been saved."""
         t = self.cfg.train
         self.interval_steps += 1
         if self.step % t.log_every == 0:
@@ -335,8 +335,8 @@ class Trainer:
 
         done = terminated | truncated
         final = self.step == t.total_steps
-        if self.eval_due():
-            success = self._evaluate(logger) if evaluation is None else self.log_evaluation(logger, *evaluation)
+        if evaluation is not None:
+            success = self.log_evaluation(logger, *evaluation)
             bar.set_postfix_str(f"eval success {success:.2f}", refresh=False)
         if done.any():
             finished = self.runner.finished_stats(done)
@@ -389,15 +389,14 @@ class Trainer:
             scalars["episode/success_mean"] = float(finished["success"].mean())
         logger.log(self.step, scalars, kind="episode")
 
-    def _evaluate(self, logger: RunLogger) -> float:
-        def policy(obs: np.ndarray) -> np.ndarray:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-            return self.agent.act(obs_t, deterministic=True).cpu().numpy().astype(np.float64)
+    def evaluate(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The deterministic policy on the eval env: [(success, return) per task]. (A SeedBatch
+        evaluates all its seeds at once and returns one pair per seed.)"""
 
-        success, returns = run_evaluation(
-            self.eval_env, policy, self.cfg.train.eval_episodes, self.cfg.env.max_episode_steps
-        )
-        return self.log_evaluation(logger, success, returns)
+        def policy(obs: np.ndarray) -> np.ndarray:
+            return self.agent.act(self._to_device(obs), deterministic=True).cpu().numpy().astype(np.float64)
+
+        return [run_evaluation(self.eval_env, policy, self.cfg.train.eval_episodes, self.cfg.env.max_episode_steps)]
 
     def eval_due(self) -> bool:
         t = self.cfg.train
@@ -456,7 +455,7 @@ def train_together(
             if stop_at_step is not None and lead.step > stop_at_step:
                 return EXIT_INTERRUPTED
             # Seeds trained together are evaluated together (their eval envs in lockstep).
-            evaluations = driver.evaluate() if len(trainers) > 1 and lead.eval_due() else [None] * len(trainers)
+            evaluations = driver.evaluate() if lead.eval_due() else [None] * len(trainers)
             statuses = [
                 trainer.finish_step(logger, terminated, truncated, bar, evaluation)
                 for trainer, logger, (terminated, truncated), evaluation in zip(
