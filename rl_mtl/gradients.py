@@ -71,19 +71,12 @@ class TaskGradients:
 
     def gramian(self) -> Tensor:
         """M = G G^T, [K, K] (or [S, K, K] when seed-batched), summed block by block."""
-        k = self.num_tasks
-        if self.losses.ndim == 2:
-            s = self.losses.shape[0]
-            m = self.losses.new_zeros((s, k, k))
-            for g in self.shared.values():
-                flat = g.reshape(s, k, -1)
-                m = torch.baddbmm(m, flat, flat.mT)
-            return m
-        m = self.losses.new_zeros((k, k))
+        lead, k = self.losses.shape[:-1], self.num_tasks
+        m = self.losses.new_zeros((lead.numel(), k, k))
         for g in self.shared.values():
-            flat = g.reshape(k, -1)
-            m = torch.addmm(m, flat, flat.T)
-        return m
+            flat = g.reshape(lead.numel(), k, -1)
+            m = torch.baddbmm(m, flat, flat.mT)
+        return m.reshape(*lead, k, k)
 
     def combine(self, weights: Tensor) -> dict[str, Tensor]:
         """weights @ G, as one tensor per shared parameter."""

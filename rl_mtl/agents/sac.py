@@ -123,11 +123,14 @@ class MultiTaskSAC(nn.Module):
         return torch.randn(num_tasks, batch_size, self.action_dim, generator=self.generator, device=self.device)
 
     @staticmethod
-    def gramian_for(grads: TaskGradients, aggregator: Aggregator, need_diagnostics: bool) -> Tensor | None:
-        """The Gramian when the aggregator or the diagnostics need it (None: not computed)."""
-        if grads.shared and (aggregator.needs_gramian() or need_diagnostics):
-            return grads.gramian()
-        return None
+    def wants_gramian(grads: TaskGradients, aggregator: Aggregator, need_diagnostics: bool) -> bool:
+        """Whether this update computes the Gramian: for the aggregator's solve or diagnostics,
+        and only where there are shared parameters to aggregate."""
+        return bool(grads.shared) and (aggregator.needs_gramian() or need_diagnostics)
+
+    def gramian_for(self, grads: TaskGradients, aggregator: Aggregator, need_diagnostics: bool) -> Tensor | None:
+        """The Gramian when ``wants_gramian`` (None: not computed)."""
+        return grads.gramian() if self.wants_gramian(grads, aggregator, need_diagnostics) else None
 
     def apply_critic(
         self, grads: TaskGradients, gramian: Tensor | None, finite: bool, aggregator: Aggregator

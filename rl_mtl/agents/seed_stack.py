@@ -118,12 +118,12 @@ class SeedStackedSAC:
         if not alive:
             return [None] * self.num_seeds
 
-        critic_now = tuple({n: p.detach() for n, p in part.items()} for part in self.critic)
+        # The stacks never require grad: the updated critic enters the actor's loss as a constant.
         actor_grads = seed_task_gradients(
             lambda sh, tk, csh, ctk, obs, noise, alpha: actor_gradients(
                 model.actor, model.critic, sh, tk, csh, ctk, obs, noise, alpha
             ),
-            *self.actor, *critic_now, batch.obs, self._noise(k, b, alive), alpha,
+            *self.actor, *self.critic, batch.obs, self._noise(k, b, alive), alpha,
         )  # fmt: skip
         actor_weights, actor_grams = self._apply("actor", actor_grads, actor_aggregators, need_diagnostics, alive)
         done = [s for s in alive if actor_weights[s] is not None]
@@ -154,15 +154,13 @@ class SeedStackedSAC:
     ) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """Each listed seed's aggregation and optimiser step; (weights or None, Gramian or None)."""
         seeds = range(self.num_seeds) if seeds is None else seeds
-        needs = bool(grads.shared) and (need_diagnostics or any(aggregators[s].needs_gramian() for s in seeds))
-        grams = grads.gramian() if needs else None  # [S, K, K]: one batched product for every seed
+        wants = {s: MultiTaskSAC.wants_gramian(grads, aggregators[s], need_diagnostics) for s in seeds}
+        grams = grads.gramian() if any(wants.values()) else None  # [S, K, K]: one batched product
         finite = torch.isfinite(grads.total()).tolist()  # one host sync for all seeds
         weights: list[Tensor | None] = [None] * self.num_seeds
         used: list[Tensor | None] = [None] * self.num_seeds
         for s in seeds:
-            agent, agg = self.agents[s], aggregators[s]
-            gram = grams[s] if grams is not None and (agg.needs_gramian() or need_diagnostics) else None
-            apply = agent.apply_critic if network == "critic" else agent.apply_actor
-            weights[s] = apply(grads.seed(s), gram, bool(finite[s]), agg)
-            used[s] = gram
+            used[s] = grams[s] if wants[s] else None
+            apply = getattr(self.agents[s], f"apply_{network}")  # apply_critic / apply_actor
+            weights[s] = apply(grads.seed(s), used[s], bool(finite[s]), aggregators[s])
         return weights, used
