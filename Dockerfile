@@ -18,8 +18,10 @@ ENV MUJOCO_GL=egl \
     RL_MTL_RUNS=/runs \
     RL_MTL_GIT_COMMIT=${GIT_COMMIT}
 
+# g++: torch.compile builds the update's kernels with it (train.compile; on the CPU by default,
+# and Triton's launcher on CUDA needs a C compiler too).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libegl1 libgl1 libglvnd0 \
+    && apt-get install -y --no-install-recommends libegl1 libgl1 libglvnd0 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/rl-mtl

@@ -73,6 +73,11 @@ class TrainConfig:
     # Overlap the update with the environments' step (needs env.vector_strategy=async).
     # None: on exactly when the vector env is async.
     overlap_env: bool | None = None
+    # Compile the update's batched passes (TD target, per-task critic and actor gradients) with
+    # torch.compile. None: on for the CPU when a C++ compiler is installed (measured to pay there,
+    # README: Speed); off on CUDA until measured. A speed switch: the numbers are the same up to
+    # floating-point summation order.
+    compile: bool | None = None
 
 
 @dataclass

@@ -32,7 +32,7 @@ class TaskGradients:
     task_specific: dict[str, Tensor]  # name -> [K, ...]: each task's gradient of its own slice
     aux: Any = None  # whatever the loss function returned beside the loss, stacked over tasks
 
-    # A seed-batched pass (``seed_task_gradients``) gives the same fields with a leading seed
+    # A seed-batched pass (``over_seeds``) gives the same fields with a leading seed
     # axis: losses [S, K], blocks [S, K, ...]; ``total`` and ``gramian`` then work per seed and
     # ``seed(s)`` slices out one seed's TaskGradients.
 
@@ -98,7 +98,7 @@ def task_gradient_fields(
     task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any, has_aux: bool = False
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], Any]:
     """``task_gradients`` as a plain tuple (losses, shared, task_specific, aux): the form an
-    outer ``vmap`` over seeds can return (see ``seed_task_gradients``)."""
+    outer ``vmap`` over seeds can return (see ``over_seeds``)."""
     grad_fn = grad_and_value(task_loss, argnums=(0, 1), has_aux=has_aux)
     (shared_grads, task_grads), value = vmap(grad_fn, in_dims=(None, 0, 0))(
         detached(shared), detached(task_specific), batch
@@ -107,16 +107,17 @@ def task_gradient_fields(
     return losses.detach(), dict(shared_grads), dict(task_grads), aux
 
 
-def seed_task_gradients(per_seed: Callable[..., tuple], *stacked: Any) -> TaskGradients:
+def over_seeds(per_seed: Callable[..., tuple]) -> Callable[..., tuple]:
     """Several independent agents' per-task gradients in one pass: ``per_seed(*args)`` returns
-    one seed's ``task_gradient_fields``; it is ``vmap``-ed over the leading seed axis of every
-    argument, so S seeds x K tasks cost about one batched backward pass."""
+    one seed's ``task_gradient_fields``; the result is ``vmap``-ed over the leading seed axis of
+    every argument (S seeds x K tasks cost about one batched backward pass) and returns the
+    fields for ``TaskGradients(*fields)``, with the leading seed axis."""
 
     def fields(*args: Any) -> tuple:
         losses, shared, task_specific, aux = per_seed(*args)
         return (losses, shared, task_specific) if aux is None else (losses, shared, task_specific, aux)  # vmap: no None
 
-    return TaskGradients(*vmap(fields)(*stacked))
+    return vmap(fields)
 
 
 def task_gradients_loop(task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any) -> TaskGradients:

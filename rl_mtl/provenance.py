@@ -55,13 +55,14 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run_metadata(cfg: Config, device: torch.device, deterministic: bool, tasks: list[str]) -> str:
+def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compiled: bool, tasks: list[str]) -> str:
     record: dict[str, Any] = {
         "seed": cfg.seed,
         "method": cfg.method,
         "tasks": tasks,
         "device": device_description(device),
         "deterministic": deterministic,
+        "compiled": compiled,  # train.compile as resolved for this device
         "versions": package_versions(),
         "python": sys.version.split()[0],
         "git_commit": git_commit(),

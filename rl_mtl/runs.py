@@ -16,6 +16,7 @@ from .logging import METRICS_NAME, read_metrics
 
 # Keys that may differ between the seeds of one comparison without making it a different config.
 PER_RUN_KEYS = ("seed", "device", "deterministic")
+TRAIN_SPEED_KEYS = ("compile",)  # train.* switches that change the speed, not the algorithm
 
 
 class RunsError(RuntimeError):
@@ -84,6 +85,8 @@ def _relevant(config: dict[str, Any], with_method: bool) -> dict[str, Any]:
     """What decides a run's numbers besides its seed: everything but the per-run keys, and of
     ``method_options`` only the entry of the method in use (the others are never read)."""
     out = {k: v for k, v in config.items() if k not in (*PER_RUN_KEYS, "method", "method_options")}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k not in TRAIN_SPEED_KEYS}
     if with_method:
         method = config.get("method")
         out["method"] = method

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -45,7 +46,7 @@ from .logging import METRICS_NAME, RunLogger, truncate_metrics
 from .provenance import run_metadata
 
 # Keys a resumed run may change: extending the budget, or moving to another device.
-RESUMABLE_CHANGES = ("train.total_steps", "device", "deterministic")
+RESUMABLE_CHANGES = ("train.total_steps", "device", "deterministic", "train.compile")
 EXIT_INTERRUPTED = 130
 
 
@@ -72,6 +73,27 @@ def set_determinism(cfg: Config, device: torch.device) -> bool:
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.benchmark = not deterministic
     return deterministic
+
+
+def compiler_available(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for ``device``: its CPU backend compiles C++, and
+    Triton (CUDA) builds its launcher with a C compiler (``$CXX`` / ``$CC`` when set)."""
+    if device.type == "cuda":
+        names = [os.environ.get("CC", ""), "cc", "gcc", "clang"]
+    else:
+        names = [os.environ.get("CXX", ""), "g++", "clang++"]
+    return any(name and shutil.which(name) for name in names)
+
+
+def resolve_compile(cfg: Config, device: torch.device) -> bool:
+    """train.compile: None means on for the CPU (measured to pay, README: Speed) when a compiler is
+    installed, off on CUDA (not yet measured)."""
+    if cfg.train.compile is None:
+        return device.type == "cpu" and compiler_available(device)
+    if cfg.train.compile and not compiler_available(device):
+        needed = "a C compiler (gcc) for Triton" if device.type == "cuda" else "a C++ compiler (g++)"
+        raise ConfigError(f"train.compile=true needs {needed} on PATH; install one or set train.compile=false")
+    return cfg.train.compile
 
 
 def seed_everything(seed: int) -> None:
@@ -149,7 +171,10 @@ class Trainer:
         self.overlap = self.runner.can_overlap if overlap is None else overlap
         obs_dim = self.env.single_observation_space.shape[0]
         self.action_dim = self.env.single_action_space.shape[0]
-        self.agent = MultiTaskSAC(obs_dim, self.action_dim, self.num_tasks, cfg.agent, self.device, seed=cfg.seed)
+        self.compiled = resolve_compile(cfg, self.device)
+        self.agent = MultiTaskSAC(
+            obs_dim, self.action_dim, self.num_tasks, cfg.agent, self.device, seed=cfg.seed, compile=self.compiled
+        )
         t = cfg.train
         self.buffer = MultiTaskReplayBuffer(
             self.num_tasks, t.buffer_capacity_per_task, obs_dim, self.action_dim, self.device, seed=cfg.seed + 1
@@ -686,7 +711,7 @@ def run_together(runs: list[RunSpec], progress: bool = True, stop_at_step: int |
                 trainer.load_state_dict(state)
                 truncate_metrics(run_dir / METRICS_NAME, trainer.step)
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            metadata = run_metadata(cfg, trainer.device, trainer.deterministic, trainer.tasks)
+            metadata = run_metadata(cfg, trainer.device, trainer.deterministic, trainer.compiled, trainer.tasks)
             write_text_atomic(run_dir / ("run.json" if state is None else f"run.resumed-{trainer.step}.json"), metadata)
             loggers.append(RunLogger(run_dir, purge_step=trainer.step + 1 if state is not None else None))
         if len(trainers) == 1:

@@ -10,6 +10,7 @@ seed): a step is then one vector step of every seed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import tempfile
@@ -37,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed blocks per method (median)")
     parser.add_argument(
         "--seeds", type=int, default=1, help="seeds trained together per method, as with train --seeds (default 1)"
+    )
+    parser.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="time every method both eager and compiled (train.compile=false/true), side by side",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="smoke config and a tiny budget (CI)")
@@ -98,12 +104,15 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     base = load_config(config, overrides, device=args.device)
     tasks = task_names(base.env)
     envs = [make_vector_env(base.env, seed) for seed in seeds]  # one per seed, shared by the methods
+    variants = [False, True] if args.compare_compile else [None]  # train.compile; None: as configured
     drivers: dict[str, tuple[Trainer | SeedBatch, list[Trainer]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods:
+        for method, compiled in itertools.product(args.methods, variants):
+            label = method + ("+compile" if compiled else "")
+            switch = [] if compiled is None else [f"train.compile={str(compiled).lower()}"]
             trainers = [
                 Trainer(
-                    load_config(config, overrides, device=args.device, method=method, seed=seed),
+                    load_config(config, [*overrides, *switch], device=args.device, method=method, seed=seed),
                     Path(tmp),
                     progress=False,
                     env=env,
@@ -111,11 +120,12 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 for seed, env in zip(seeds, envs, strict=True)
             ]
-            drivers[method] = (trainers[0] if len(trainers) == 1 else SeedBatch(trainers), trainers)
+            drivers[label] = (trainers[0] if len(trainers) == 1 else SeedBatch(trainers), trainers)
         lead = next(iter(drivers.values()))[1][0]
         device, overlap = lead.device, lead.overlap
+        compile_note = "both" if args.compare_compile else lead.compiled
         print(f"device: {device}  config: {config}  tasks: {len(tasks)}  seeds together: {len(seeds)}  "
-              f"vector strategy: {base.env.vector_strategy}  overlap: {overlap}  "
+              f"vector strategy: {base.env.vector_strategy}  overlap: {overlap}  compile: {compile_note}  "
               f"networks: {base.agent.hidden_sizes}  batch: {base.train.batch_size_per_task}/task  "
               f"torch threads: {torch.get_num_threads()}")  # fmt: skip
         env_sps = env_only_throughput(envs, len(tasks), steps, rounds, base.seed)
@@ -144,29 +154,36 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     for env in envs:
         env.close()
 
-    ls_update = statistics.median(update_ms["ls"]) if "ls" in update_ms else None
     batches = math.ceil(PROTOCOL_SEEDS / len(seeds))  # seed batches run one after another
     rows = []
-    for method in drivers:
-        upd, sps = statistics.median(update_ms[method]), statistics.median(train_sps[method])
+    for label, (_, trainers) in drivers.items():
+        method, compiled = trainers[0].cfg.method, trainers[0].compiled
+        upd, sps = statistics.median(update_ms[label]), statistics.median(train_sps[label])
+        ls_label = "ls+compile" if args.compare_compile and compiled else "ls"  # ls of the same variant
+        ls_update = statistics.median(update_ms[ls_label]) if ls_label in update_ms else None
+        eager = update_ms.get(method) if compiled and args.compare_compile else None
         rows.append({
-            "method": method, "update_ms": upd, "update_over_ls": None if ls_update is None else upd / ls_update,
+            "method": method, "compiled": compiled, "update_ms": upd,
+            "update_over_ls": None if ls_update is None else upd / ls_update,
+            "update_over_eager": None if eager is None else upd / statistics.median(eager),
             "train_steps_per_s": sps, "train_over_env_only": sps / env_sps,
             "protocol_hours_10_seeds": batches * PROTOCOL_STEPS / sps / 3600,
         })  # fmt: skip
     env_steps = env_sps * len(tasks) * len(seeds)
     print(f"\nenv-only (random actions): {env_sps:.1f} vector steps/s ({env_steps:.0f} env steps/s)")
     plan = "one after another" if len(seeds) == 1 else f"{batches} batch(es) of {len(seeds)}"
-    print(f"\n{'method':<10} {'update ms':>10} {'/ ls':>7} {'train steps/s':>14} {'/ env-only':>11} "
+    print(f"\n{'method':<18} {'update ms':>10} {'/ ls':>7} {'/ eager':>8} {'train steps/s':>14} {'/ env-only':>11} "
           f"{'10 seeds x 2M, ' + plan:>34}")  # fmt: skip
     for r in rows:
-        ratio = "-" if r["update_over_ls"] is None else f"{r['update_over_ls']:.2f}x"
-        print(f"{r['method']:<10} {r['update_ms']:>10.2f} {ratio:>7} {r['train_steps_per_s']:>14.1f} "
+        ratios = ["-" if r[key] is None else f"{r[key]:.2f}x" for key in ("update_over_ls", "update_over_eager")]
+        label = r["method"] + (" (compiled)" if r["compiled"] else "")
+        print(f"{label:<18} {r['update_ms']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {r['train_steps_per_s']:>14.1f} "
               f"{r['train_over_env_only']:>10.2f}x {r['protocol_hours_10_seeds']:>31.1f} h")  # fmt: skip
     print(
         "\n(medians over interleaved timed blocks; a step is one vector step of every seed; the wall-clock "
         "column extrapolates the measured training throughput of this config to 10 seeds of 2M steps, run in "
         "batches of --seeds, evaluations excluded)"
     )
-    return {"device": str(device), "config": config, "tasks": len(tasks), "seeds": len(seeds), "steps_per_block": steps,
-            "rounds": rounds, "env_only_steps_per_s": env_sps, "methods": rows}  # fmt: skip
+    return {"device": str(device), "config": config, "tasks": len(tasks), "seeds": len(seeds),
+            "compare_compile": args.compare_compile, "steps_per_block": steps, "rounds": rounds,
+            "env_only_steps_per_s": env_sps, "methods": rows}  # fmt: skip

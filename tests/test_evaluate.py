@@ -193,3 +193,13 @@ def test_options_of_other_methods_do_not_split_a_group(tmp_path, capsys):
     (other / "config.yaml").write_text(yaml.safe_dump(config))
     report, err = _json_report([tmp_path], capsys)
     assert [g["seeds"] for g in report["groups"]] == [[0, 1]] and "different configs" not in err
+
+
+def test_speed_switches_do_not_split_a_group_but_algorithm_settings_do(tmp_path, capsys):
+    make_run(tmp_path, "a", 0, [(100, [0.5, 0.5])])
+    make_run(tmp_path, "a", 1, [(100, [0.7, 0.3])], train__compile=True)  # same algorithm, compiled
+    report, err = _json_report([tmp_path], capsys)
+    assert [g["seeds"] for g in report["groups"]] == [[0, 1]] and "different configs" not in err
+    make_run(tmp_path, "a", 2, [(100, [0.7, 0.3])], train__batch_size_per_task=64)
+    report, _ = _json_report([tmp_path], capsys)
+    assert sorted(g["seeds"] for g in report["groups"]) == [[0, 1], [2]]

@@ -13,6 +13,8 @@ One update (DESIGN.md, "the data flow of one update"):
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,10 +42,24 @@ def min_pairwise_cosine(gramian: Tensor) -> Tensor:
     return cosine[off_diagonal].min()
 
 
+def maybe_compile(fn: Callable, enabled: bool) -> Callable:
+    """``fn``, or ``fn`` compiled whole: ``fullgraph`` because a graph break would silently
+    leave part of the pass eager; ``dynamic=False`` because a run's shapes never change."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn
+
+
 class MultiTaskSAC(nn.Module):
     def __init__(
-        self, obs_dim: int, action_dim: int, num_tasks: int, cfg: AgentConfig, device: torch.device, seed: int = 0
+        self,
+        obs_dim: int,
+        action_dim: int,
+        num_tasks: int,
+        cfg: AgentConfig,
+        device: torch.device,
+        seed: int = 0,
+        compile: bool = False,
     ) -> None:
+        """``compile``: run the update's batched passes through ``torch.compile`` (train.compile)."""
         super().__init__()
         self.cfg, self.num_tasks, self.action_dim, self.device = cfg, num_tasks, action_dim, device
         hidden, arch = list(cfg.hidden_sizes), cfg.architecture
@@ -63,6 +79,12 @@ class MultiTaskSAC(nn.Module):
         self.generator.manual_seed(seed)
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        # The update's three batched passes, bound to this architecture (compiled or not). The
+        # seed-batched agent compiles its own vmapped versions of the same functions.
+        self.compiled = compile
+        self.td_target_pass = maybe_compile(functools.partial(soft_td_target, self.actor, self.critic), compile)
+        self.critic_pass = maybe_compile(functools.partial(critic_gradients, self.critic), compile)
+        self.actor_pass = maybe_compile(functools.partial(actor_gradients, self.actor, self.critic), compile)
 
     # -- acting -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -89,13 +111,11 @@ class MultiTaskSAC(nn.Module):
         """
         k, b = batch.reward.shape
         alpha = self.temperatures().detach()
-        td_target = soft_td_target(
-            self.actor, self.critic, self.actor.split(), self.critic_target.split(), batch.next_obs,
-            batch.reward, batch.terminated, self.noise(k, b), alpha, self.cfg.gamma,
+        td_target = self.td_target_pass(
+            self.actor.split(), self.critic_target.split(), batch.next_obs, batch.reward, batch.terminated,
+            self.noise(k, b), alpha, self.cfg.gamma,
         )  # fmt: skip
-        critic_grads = TaskGradients(
-            *critic_gradients(self.critic, *self.critic.split(), batch.obs, batch.action, td_target)
-        )
+        critic_grads = TaskGradients(*self.critic_pass(*self.critic.split(), batch.obs, batch.action, td_target))
         critic_gram = self.gramian_for(critic_grads, critic_aggregator, need_diagnostics)
         critic_finite = bool(torch.isfinite(critic_grads.total()))  # one host sync per loss
         critic_weights = self.apply_critic(critic_grads, critic_gram, critic_finite, critic_aggregator)
@@ -105,9 +125,7 @@ class MultiTaskSAC(nn.Module):
         # The actor sees the updated critic as a constant: its parameters enter as plain tensors.
         critic_now = tuple(detached(p) for p in self.critic.split())
         noise = self.noise(k, b)
-        actor_grads = TaskGradients(
-            *actor_gradients(self.actor, self.critic, *self.actor.split(), *critic_now, batch.obs, noise, alpha)
-        )
+        actor_grads = TaskGradients(*self.actor_pass(*self.actor.split(), *critic_now, batch.obs, noise, alpha))
         actor_gram = self.gramian_for(actor_grads, actor_aggregator, need_diagnostics)
         actor_finite = bool(torch.isfinite(actor_grads.total()))
         actor_weights = self.apply_actor(actor_grads, actor_gram, actor_finite, actor_aggregator)

@@ -16,6 +16,7 @@ its own only by floating-point summation order inside the batched kernels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,9 +25,9 @@ from torch.func import vmap
 
 from ..aggregators import Aggregator
 from ..buffers import Batch
-from ..gradients import TaskGradients, seed_task_gradients
+from ..gradients import TaskGradients, over_seeds
 from .networks import Params, sub_params
-from .sac import MultiTaskSAC, actor_gradients, critic_gradients, soft_td_target
+from .sac import MultiTaskSAC, actor_gradients, critic_gradients, maybe_compile, soft_td_target
 
 
 def stack_parameters(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
@@ -62,6 +63,13 @@ class SeedStackedSAC:
         self.log_alpha = stacked["log_alpha"]  # [S, 1 or K]
         self.critic_params = list(sub_params(stacked, "critic").values())
         self.target_params = list(sub_params(stacked, "critic_target").values())
+        # The single-seed update's three passes, vmapped over the seed axis (compiled whole when
+        # the agents are: compiling the vmapped function lets the compiler see all seeds at once).
+        model, on = self.model, self.model.compiled
+        td_target = functools.partial(soft_td_target, model.actor, model.critic)
+        self.td_target_pass = maybe_compile(vmap(td_target, in_dims=(0, 0, 0, 0, 0, 0, 0, None)), on)  # gamma: shared
+        self.critic_pass = maybe_compile(over_seeds(functools.partial(critic_gradients, model.critic)), on)
+        self.actor_pass = maybe_compile(over_seeds(functools.partial(actor_gradients, model.actor, model.critic)), on)
 
     @property
     def num_seeds(self) -> int:
@@ -101,30 +109,20 @@ class SeedStackedSAC:
         _, k, b = batch.reward.shape
         model, agents = self.model, self.agents
         alpha = self.temperatures().detach()
-        gamma = model.cfg.gamma
-
-        def td_target(actor_sh, actor_tk, target_sh, target_tk, next_obs, reward, terminated, noise, alpha):
-            return soft_td_target(model.actor, model.critic, (actor_sh, actor_tk), (target_sh, target_tk),
-                                  next_obs, reward, terminated, noise, alpha, gamma)  # fmt: skip
-
-        td = vmap(td_target)(*self.actor, *self.critic_target, batch.next_obs, batch.reward, batch.terminated,
-                             self._noise(k, b), alpha)  # fmt: skip
-        critic_grads = seed_task_gradients(
-            lambda sh, tk, obs, action, target: critic_gradients(model.critic, sh, tk, obs, action, target),
-            *self.critic, batch.obs, batch.action, td,
+        td = self.td_target_pass(
+            self.actor, self.critic_target, batch.next_obs, batch.reward, batch.terminated, self._noise(k, b), alpha,
+            model.cfg.gamma,
         )  # fmt: skip
+        critic_grads = TaskGradients(*self.critic_pass(*self.critic, batch.obs, batch.action, td))
         critic_weights, critic_grams = self._apply("critic", critic_grads, critic_aggregators, need_diagnostics)
         alive = [s for s, w in enumerate(critic_weights) if w is not None]
         if not alive:
             return [None] * self.num_seeds
 
         # The stacks never require grad: the updated critic enters the actor's loss as a constant.
-        actor_grads = seed_task_gradients(
-            lambda sh, tk, csh, ctk, obs, noise, alpha: actor_gradients(
-                model.actor, model.critic, sh, tk, csh, ctk, obs, noise, alpha
-            ),
-            *self.actor, *self.critic, batch.obs, self._noise(k, b, alive), alpha,
-        )  # fmt: skip
+        actor_grads = TaskGradients(
+            *self.actor_pass(*self.actor, *self.critic, batch.obs, self._noise(k, b, alive), alpha)
+        )
         actor_weights, actor_grams = self._apply("actor", actor_grads, actor_aggregators, need_diagnostics, alive)
         done = [s for s in alive if actor_weights[s] is not None]
         for s in done:
