@@ -23,7 +23,7 @@ import torch
 from .agents.seed_stack import SeedStackedSAC
 from .buffers import StackedReplay
 from .envs import run_evaluations
-from .train import Trainer
+from .train import Trainer, collect_and_learn
 
 
 class SeedBatch:
@@ -38,21 +38,16 @@ class SeedBatch:
 
     def advance(self, learns: bool, diagnostics: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         """``Trainer.advance`` for every seed: [(terminated, truncated)] per seed."""
-        if learns and self.overlap:
-            return self.collect_step(lambda: self.learn(diagnostics))
-        outcomes = self.collect_step()
-        if learns:
-            self.learn(diagnostics)
-        return outcomes
+        return collect_and_learn(self, learns, diagnostics)
 
     def collect_step(self, while_stepping: Callable[[], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         trainers = self.trainers
         cached, cached_t = self._obs_on_device
         reuse = len(cached) == len(trainers) and all(c is t.obs for c, t in zip(cached, trainers, strict=True))
-        obs_t = cached_t if reuse else self._to_device(np.stack([t.obs for t in trainers]))
+        obs_t = cached_t if reuse else self.lead.to_device(np.stack([t.obs for t in trainers]))
         if self.lead.warming_up:
             action = np.stack([t.warmup_action() for t in trainers])
-            action_t = self._to_device(action)
+            action_t = self.lead.to_device(action)
         else:
             action_t = self.agent.act(obs_t)
             action = action_t.cpu().numpy().astype(np.float64)
@@ -61,7 +56,7 @@ class SeedBatch:
         if while_stepping is not None:
             while_stepping()
         received = [t.receive() for t in trainers]
-        packed_t = self._to_device(np.stack([packed for packed, _, _ in received]))  # [S, K, obs_dim + 2]
+        packed_t = self.lead.to_device(np.stack([packed for packed, _, _ in received]))  # [S, K, obs_dim + 2]
         next_obs_t = packed_t[..., :-2]
         self.replay.add(obs_t, action_t, packed_t[..., -2], next_obs_t, packed_t[..., -1])
         self._obs_on_device = ([t.runner.obs for t in trainers], next_obs_t)
@@ -86,11 +81,8 @@ class SeedBatch:
         t, env = self.lead.cfg.train, self.lead.cfg.env
 
         def policy(obs: np.ndarray) -> np.ndarray:
-            return self.agent.act(self._to_device(obs), deterministic=True).cpu().numpy().astype(np.float64)
+            return self.agent.act(self.lead.to_device(obs), deterministic=True).cpu().numpy().astype(np.float64)
 
         eval_envs = [trainer.eval_env for trainer in self.trainers]
         success, returns = run_evaluations(eval_envs, policy, t.eval_episodes, env.max_episode_steps)
         return list(zip(success, returns, strict=True))
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(array, dtype=torch.float32, device=self.device)

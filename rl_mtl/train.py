@@ -147,6 +147,19 @@ def per_task(prefix: str, values: np.ndarray, tasks: list[str]) -> dict[str, flo
     return {f"{prefix}/{task}": float(v) for task, v in zip(tasks, values, strict=True)}
 
 
+def collect_and_learn(driver: Any, learns: bool, diagnostics: bool) -> Any:
+    """One collection step of ``driver`` (a ``Trainer`` or a ``SeedBatch``) and, when ``learns``,
+    its update(s); returns what its ``collect_step`` returns. When the driver overlaps, the update
+    runs while the envs step and samples the transitions stored so far: the newest transition
+    joins the replay one update later than without overlap."""
+    if learns and driver.overlap:
+        return driver.collect_step(lambda: driver.learn(diagnostics))
+    outcome = driver.collect_step()
+    if learns:
+        driver.learn(diagnostics)
+    return outcome
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -258,15 +271,7 @@ class Trainer:
 
     def advance(self, learns: bool, diagnostics: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         """One collection step and, after the warm-up, one update: [(terminated, truncated)]."""
-        if learns and self.overlap:
-            # The update samples the transitions stored so far while the envs step: the newest
-            # transition joins the replay one update later than without overlap.
-            outcome = self.collect_step(lambda: self.learn(diagnostics))
-        else:
-            outcome = self.collect_step()
-            if learns:
-                self.learn(diagnostics)
-        return [outcome]
+        return [collect_and_learn(self, learns, diagnostics)]
 
     def collect_step(self, while_stepping: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Act (random during warm-up), step every task's env, store the transitions.
@@ -276,10 +281,10 @@ class Trainer:
         """
         # The observation is usually last step's next observation, already on the device.
         cached_obs, cached_obs_t = self._obs_on_device
-        obs_t = cached_obs_t if cached_obs is self.obs else self._to_device(self.obs)
+        obs_t = cached_obs_t if cached_obs is self.obs else self.to_device(self.obs)
         if self.warming_up:
             action = self.warmup_action()
-            action_t = self._to_device(action)
+            action_t = self.to_device(action)
         else:
             action_t = self.agent.act(obs_t)
             action = action_t.cpu().numpy().astype(np.float64)
@@ -287,7 +292,7 @@ class Trainer:
         if while_stepping is not None:
             while_stepping()
         packed, terminated, truncated = self.receive()
-        packed_t = self._to_device(packed)  # one host-to-device copy for the whole transition
+        packed_t = self.to_device(packed)  # one host-to-device copy for the whole transition
         next_obs_t = packed_t[:, :-2]
         self.buffer.add(obs_t, action_t, packed_t[:, -2], next_obs_t, packed_t[:, -1])
         self._obs_on_device = (self.runner.obs, next_obs_t)
@@ -311,7 +316,8 @@ class Trainer:
         packed = np.concatenate([next_obs, reward[:, None], terminated[:, None]], axis=1)
         return packed, terminated, truncated
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A float32 copy of env data on the training device (a seed batch uses its lead's)."""
         return torch.as_tensor(array, dtype=torch.float32, device=self.device)
 
     def learn(self, diagnostics: bool) -> None:
@@ -419,7 +425,7 @@ class Trainer:
         evaluates all its seeds at once and returns one pair per seed.)"""
 
         def policy(obs: np.ndarray) -> np.ndarray:
-            return self.agent.act(self._to_device(obs), deterministic=True).cpu().numpy().astype(np.float64)
+            return self.agent.act(self.to_device(obs), deterministic=True).cpu().numpy().astype(np.float64)
 
         return [run_evaluation(self.eval_env, policy, self.cfg.train.eval_episodes, self.cfg.env.max_episode_steps)]
 
