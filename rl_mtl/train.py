@@ -122,20 +122,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class MetricSums:
+    """Sums of the applied updates' metrics since the last log, on the device. A skipped update
+    (``applied`` False) adds zeros, so the interval's means cover the applied updates only."""
+
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    updates: int = 0
-    latest: dict[str, torch.Tensor] = field(default_factory=dict)  # diagnostics: last value only
+    updates: torch.Tensor | int = 0  # applied updates (a device tensor once one is added)
+    latest: dict[str, torch.Tensor] = field(default_factory=dict)  # diagnostics: last value only (nan: skipped)
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        applied = metrics["applied"]
         for name, value in metrics.items():
+            if name == "applied":
+                continue
             if name.endswith("min_cosine"):
-                self.latest[name] = value.detach()
+                self.latest[name] = torch.where(applied, value.detach(), torch.nan)
             else:
-                self.sums[name] = self.sums[name] + value.detach() if name in self.sums else value.detach().clone()
-        self.updates += 1
+                value = torch.where(applied, value.detach(), 0.0)  # where, not *: a skipped value may be nan
+                self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.updates = self.updates + applied.to(torch.int64)
+
+    def count(self) -> int:
+        """Applied updates since the last reset (reading it synchronises with the device)."""
+        return int(self.updates)
 
     def means(self) -> dict[str, np.ndarray]:
-        out = {k: (v / max(self.updates, 1)).cpu().numpy() for k, v in self.sums.items()}
+        n = max(self.count(), 1)
+        out = {k: (v / n).cpu().numpy() for k, v in self.sums.items()}
         out.update({k: v.cpu().numpy() for k, v in self.latest.items()})
         return out
 
@@ -229,7 +241,7 @@ class Trainer:
             "rng": rng_state(),
             "env": self.runner.checkpoint(),
             "eval_env": list(self.eval_env.call("get_checkpoint")),
-            "metric_sums": {"sums": {k: v.cpu() for k, v in self.sums.sums.items()}, "updates": self.sums.updates},
+            "metric_sums": {"sums": {k: v.cpu() for k, v in self.sums.sums.items()}, "updates": self.sums.count()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -329,17 +341,23 @@ class Trainer:
                 self.agent.update(batch, self.critic_aggregator, self.actor_aggregator, diagnostics and last)
             )
 
-    def record_update(self, metrics: dict[str, torch.Tensor] | None) -> None:
-        """Accumulate an update's metrics; None (skipped, non-finite) counts toward stopping."""
-        if metrics is not None:
-            self.sums.add(metrics)
-            return
-        if self.agent.nonfinite_streak >= self.cfg.train.max_nonfinite_updates:
+    def record_update(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Accumulate an update's metrics (a skipped one adds nothing but its count, on the device)."""
+        self.sums.add(metrics)
+
+    def check_skipped_updates(self) -> None:
+        """Stop once ``train.max_nonfinite_updates`` updates in a row were skipped. The counters
+        live on the device, so this is read when the run logs or saves, not after every update:
+        the run stops at the first of those points after the limit (skipped updates change
+        nothing, so the extra ones are harmless), and never saves a checkpoint past it."""
+        longest = self.agent.longest_nonfinite_streak
+        if longest >= self.cfg.train.max_nonfinite_updates:
             raise NonFiniteLossError(
-                f"{self.run_dir}: {self.agent.nonfinite_streak} consecutive updates had non-finite losses or "
-                f"gradients (step {self.step}); stopping. The last checkpoint (step {self.last_checkpoint_step}) "
-                f"is intact: resume from it with smaller learning rates (--set agent.critic_lr=1e-4) or check "
-                f"the reward scale (--set env.reward_normalization=true)"
+                f"{self.run_dir}: {longest} consecutive updates had non-finite losses or gradients (limit "
+                f"train.max_nonfinite_updates={self.cfg.train.max_nonfinite_updates}, seen at step {self.step}); "
+                f"stopping. The last checkpoint (step {self.last_checkpoint_step}) is intact: resume from it with "
+                f"smaller learning rates (--set agent.critic_lr=1e-4) or check the reward scale "
+                f"(--set env.reward_normalization=true)"
             )
 
     def start_interval(self) -> None:
@@ -359,6 +377,7 @@ class Trainer:
         t = self.cfg.train
         self.interval_steps += 1
         if self.step % t.log_every == 0:
+            self.check_skipped_updates()
             rate = self.interval_steps / max(time.perf_counter() - self.interval_start, 1e-9)
             self._log_training(logger, rate)
             bar.set_postfix_str(f"{rate:.1f} steps/s", refresh=False)
@@ -389,7 +408,7 @@ class Trainer:
 
     def _log_training(self, logger: RunLogger, steps_per_second: float) -> None:
         scalars: dict[str, float] = {"perf/steps_per_second": steps_per_second, "buffer/size": float(len(self.buffer))}
-        if self.sums.updates:
+        if self.sums.count():
             means = self.sums.means()
             for key, tag in [
                 ("critic_loss", "loss/critic"),
@@ -403,8 +422,9 @@ class Trainer:
             scalars["loss/critic_mean"] = float(means["critic_loss"].mean())
             scalars["loss/actor_mean"] = float(means["actor_loss"].mean())
             for name in ("critic", "actor"):
-                if f"{name}_min_cosine" in means:
-                    scalars[f"grad/min_cosine_{name}"] = float(means[f"{name}_min_cosine"])
+                cosine = means.get(f"{name}_min_cosine")
+                if cosine is not None and np.isfinite(cosine):  # nan: the diagnostic update was skipped, or K = 1
+                    scalars[f"grad/min_cosine_{name}"] = float(cosine)
         scalars["aggregator/fallbacks_critic"] = float(self.critic_aggregator.fallbacks)
         scalars["aggregator/fallbacks_actor"] = float(self.actor_aggregator.fallbacks)
         scalars["train/nonfinite_updates"] = float(self.agent.nonfinite_total)
@@ -446,6 +466,7 @@ class Trainer:
         return float(success.mean())
 
     def _save(self, logger: RunLogger) -> None:
+        self.check_skipped_updates()
         logger.flush()
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state_dict())
         self.last_checkpoint_step = self.step

@@ -161,21 +161,28 @@ def test_non_finite_losses_skip_updates_then_stop_without_poisoning(tmp_path, mo
         return next_obs, reward * float("nan"), terminated, truncated
 
     monkeypatch.setattr(VectorEnvRunner, "step_wait", poisoned_step_wait)
-    cfg = load_config("smoke", ["train.max_nonfinite_updates=5"], method="nashmtl")
+    # 50-step episodes: checkpoints due at steps 100 (end of the warm-up) and 150; logs at 200
+    overrides = ["train.max_nonfinite_updates=5", "train.checkpoint_every=50", "train.log_every=100"]
+    cfg = load_config("smoke", overrides, method="nashmtl")
     trainer = Trainer(cfg, tmp_path, progress=False)
     before = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
     from rl_mtl.agents import NonFiniteLossError
     from rl_mtl.logging import RunLogger
 
     logger = RunLogger(tmp_path)
-    with pytest.raises(NonFiniteLossError, match="5 consecutive updates had non-finite losses"):
+    # the streak is read on the host when the run saves or logs: here the checkpoint due at 150
+    with pytest.raises(
+        NonFiniteLossError, match=r"50 consecutive updates had non-finite .*\(limit train\.max_nonfinite_updates=5"
+    ):
         trainer.train(logger)
     logger.close()
     trainer.close()
-    assert trainer.step == cfg.train.warmup_steps + 5
+    assert trainer.step == 150
     for name, value in trainer.agent.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} changed although every update was skipped"
-    assert not (tmp_path / "checkpoint.pt").exists()
+    assert trainer.agent.nonfinite_total == 50
+    # the warm-up's checkpoint stays; none was written once the limit was passed
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 100
 
 
 def test_truncated_metrics_line_is_tolerated(tmp_path):
@@ -216,7 +223,7 @@ def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_grami
     agent = MultiTaskSAC(5, 2, 3, load_config("smoke").agent, torch.device("cpu"))
     aggs = (make_aggregator("ls"), make_aggregator("ls"))
     batch = Batch(torch.randn(3, 4, 5), torch.zeros(3, 4, 2), torch.ones(3, 4), torch.randn(3, 4, 5), torch.zeros(3, 4))
-    assert agent.update(batch, *aggs) is not None and agent.nonfinite_total == 0
+    assert bool(agent.update(batch, *aggs)["applied"]) and agent.nonfinite_total == 0
 
     exact = agent.critic_pass  # the per-task critic gradients, as the update calls them
 
@@ -228,6 +235,6 @@ def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_grami
 
     monkeypatch.setattr(agent, "critic_pass", overflowing)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
-    assert agent.update(batch, *aggs) is None
+    assert not bool(agent.update(batch, *aggs)["applied"])
     assert agent.nonfinite_total == 1
     assert all(torch.equal(v, before[k]) for k, v in agent.state_dict().items())

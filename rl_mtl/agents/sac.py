@@ -8,6 +8,10 @@ One update (DESIGN.md, "the data flow of one update"):
   3. the same for the K actor losses (alpha_k log pi - min Q), against the updated critic;
   4. the temperatures (one per task, or one shared) from the actor's log-probabilities;
   5. Polyak averaging of the target critic.
+
+Nothing in it reads a value back to the host: an update whose losses or gradients are not
+finite is skipped on the device (``step_unless``: the fused optimisers' ``found_inf``, a Polyak
+weight of zero), counted in device counters that the trainer reads when it logs.
 """
 
 from __future__ import annotations
@@ -38,8 +42,23 @@ def min_pairwise_cosine(gramian: Tensor) -> Tensor:
         return gramian.new_tensor(float("nan"))
     norms = torch.sqrt(torch.clamp(torch.diagonal(gramian), min=1e-30))
     cosine = gramian / torch.outer(norms, norms)
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=gramian.device)
-    return cosine[off_diagonal].min()
+    diagonal = torch.eye(k, dtype=torch.bool, device=gramian.device)
+    return torch.where(diagonal, torch.inf, cosine).min()  # a boolean mask would sync for its size
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """Step ``optimizer`` (a fused Adam) unless ``skip``, a 0-dim bool on the device, decided
+    there: the fused kernel takes GradScaler's ``found_inf`` flag, leaves parameters and moments
+    untouched when it is set and the optimiser restores its step counts, with no host read."""
+    optimizer.found_inf = skip.to(torch.float32)
+    optimizer.step()
+
+
+def soft_update(targets: list[Tensor], sources: list[Tensor], weight: Tensor) -> None:
+    """Polyak step targets += weight (sources - targets). ``weight`` is 0-dim, or [S] for
+    seed-stacked tensors (one weight per seed); zero where an update was skipped."""
+    lead = (-1,) if weight.ndim else ()
+    torch._foreach_lerp_(targets, sources, [weight.reshape(*lead, *[1] * (t.ndim - weight.ndim)) for t in targets])
 
 
 def maybe_compile(fn: Callable, enabled: bool) -> Callable:
@@ -70,15 +89,16 @@ class MultiTaskSAC(nn.Module):
         self.log_alpha = nn.Parameter(torch.full((n_temps,), float(cfg.init_temperature)).log())
         self.target_entropy = -float(action_dim) if cfg.target_entropy is None else float(cfg.target_entropy)
         self.to(device)
-        fused = device.type == "cuda"  # one kernel per step on the GPU
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, fused=fused)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, fused=fused)
-        self.temperature_optimizer = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr, fused=fused)
+        # Fused: one kernel per step, and the only Adam that can skip a step on the device.
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, fused=True)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, fused=True)
+        self.temperature_optimizer = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr, fused=True)
         # noise for the reparameterised actions (updates and exploration), seeded, checkpointed
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        self.nonfinite_streak = 0
-        self.nonfinite_total = 0
+        # Skipped (non-finite) updates, counted on the device: in all, in a row now, and the
+        # longest run in a row so far (what the trainer checks against train.max_nonfinite_updates).
+        self.skip_counts = torch.zeros(3, dtype=torch.int64, device=device)
         # The update's three batched passes, bound to this architecture (compiled or not). The
         # seed-batched agent compiles its own vmapped versions of the same functions.
         self.compiled = compile
@@ -102,9 +122,12 @@ class MultiTaskSAC(nn.Module):
     # -- one update ---------------------------------------------------------------------------
     def update(
         self, batch: Batch, critic_aggregator: Aggregator, actor_aggregator: Aggregator, need_diagnostics: bool = False
-    ) -> dict[str, Tensor] | None:
-        """One SAC update. Returns per-task metric tensors (on the device), or None when the
-        update was skipped because a loss or gradient was not finite.
+    ) -> dict[str, Tensor]:
+        """One SAC update. Returns per-task metric tensors (on the device) and ``applied``, a
+        0-dim bool: False when the update was skipped because a loss or gradient was not finite.
+        A skipped update changes nothing (networks, optimiser states, temperatures, target
+        critic); a non-finite critic skips everything, a non-finite actor everything but the
+        critic's step, which came first.
 
         The seed-batched agent (``SeedStackedSAC``) runs the same steps for several agents at
         once: the pure functions below under ``vmap`` over seeds, the ``apply_*`` methods per seed.
@@ -117,24 +140,23 @@ class MultiTaskSAC(nn.Module):
         )  # fmt: skip
         critic_grads = TaskGradients(*self.critic_pass(*self.critic.split(), batch.obs, batch.action, td_target))
         critic_gram = self.gramian_for(critic_grads, critic_aggregator, need_diagnostics)
-        critic_finite = bool(torch.isfinite(critic_grads.total()))  # one host sync per loss
-        critic_weights = self.apply_critic(critic_grads, critic_gram, critic_finite, critic_aggregator)
-        if critic_weights is None:
-            return None
+        critic_ok = torch.isfinite(critic_grads.total())
+        critic_weights = self.apply_critic(critic_grads, critic_gram, critic_ok, critic_aggregator)
 
         # The actor sees the updated critic as a constant: its parameters enter as plain tensors.
         critic_now = tuple(detached(p) for p in self.critic.split())
         noise = self.noise(k, b)
         actor_grads = TaskGradients(*self.actor_pass(*self.actor.split(), *critic_now, batch.obs, noise, alpha))
         actor_gram = self.gramian_for(actor_grads, actor_aggregator, need_diagnostics)
-        actor_finite = bool(torch.isfinite(actor_grads.total()))
-        actor_weights = self.apply_actor(actor_grads, actor_gram, actor_finite, actor_aggregator)
-        if actor_weights is None:
-            return None
-        self.apply_temperature(actor_grads.aux)
+        applied = critic_ok & torch.isfinite(actor_grads.total())
+        actor_weights = self.apply_actor(actor_grads, actor_gram, applied, actor_aggregator)
+        self.apply_temperature(actor_grads.aux, applied)
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau)
-        return self.update_metrics(critic_grads, actor_grads, critic_weights, actor_weights, critic_gram, actor_gram)
+            targets, sources = list(self.critic_target.parameters()), list(self.critic.parameters())
+            soft_update(targets, sources, self.cfg.tau * applied)
+        self.count_skip(applied)
+        metrics = self.update_metrics(critic_grads, actor_grads, critic_weights, actor_weights, critic_gram, actor_gram)
+        return {**metrics, "applied": applied}
 
     def noise(self, num_tasks: int, batch_size: int) -> Tensor:
         """Standard normal noise [K, B, A] from this agent's generator."""
@@ -150,16 +172,13 @@ class MultiTaskSAC(nn.Module):
         """The Gramian when ``wants_gramian`` (None: not computed)."""
         return grads.gramian() if self.wants_gramian(grads, aggregator, need_diagnostics) else None
 
-    def apply_critic(
-        self, grads: TaskGradients, gramian: Tensor | None, finite: bool, aggregator: Aggregator
-    ) -> Tensor | None:
-        """Aggregate, write .grad, step the critic's optimiser; None (nothing changed) if not finite."""
-        return self._step_network(self.critic, self.critic_optimizer, grads, gramian, finite, aggregator)
+    def apply_critic(self, grads: TaskGradients, gramian: Tensor | None, ok: Tensor, aggregator: Aggregator) -> Tensor:
+        """Aggregate, write .grad, step the critic's optimiser unless ``ok`` (0-dim bool) is
+        False; returns the weights."""
+        return self._step_network(self.critic, self.critic_optimizer, grads, gramian, ok, aggregator)
 
-    def apply_actor(
-        self, grads: TaskGradients, gramian: Tensor | None, finite: bool, aggregator: Aggregator
-    ) -> Tensor | None:
-        return self._step_network(self.actor, self.actor_optimizer, grads, gramian, finite, aggregator)
+    def apply_actor(self, grads: TaskGradients, gramian: Tensor | None, ok: Tensor, aggregator: Aggregator) -> Tensor:
+        return self._step_network(self.actor, self.actor_optimizer, grads, gramian, ok, aggregator)
 
     def _step_network(
         self,
@@ -167,35 +186,46 @@ class MultiTaskSAC(nn.Module):
         optimizer: torch.optim.Optimizer,
         grads: TaskGradients,
         gramian: Tensor | None,
-        finite: bool,
+        ok: Tensor,
         aggregator: Aggregator,
-    ) -> Tensor | None:
-        # A non-finite loss or gradient must never reach the optimiser. ``finite`` checks the
-        # gradients themselves (a finite loss can still overflow in backward), whether or not
-        # this step computes the Gramian.
-        if not finite:
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-            self.critic_optimizer.zero_grad(set_to_none=True)
-            self.actor_optimizer.zero_grad(set_to_none=True)
-            return None
-        self.nonfinite_streak = 0
+    ) -> Tensor:
+        # The aggregator runs whatever ``ok`` says (deciding on the host would need a read-back);
+        # on non-finite input it returns finite weights and counts a fallback. ``ok`` checks the
+        # gradients themselves (a finite loss can still overflow in backward), so a non-finite
+        # step never reaches the parameters, whether or not this step computes the Gramian.
         if not grads.shared:  # independent networks: nothing to aggregate
             weights = torch.ones_like(grads.losses)
         else:
             weights = aggregator(gramian if aggregator.needs_gramian() else None, grads.losses)
         write_gradients(*network.split(), grads, weights)
-        optimizer.step()
+        step_unless(optimizer, ~ok)
         return weights
 
-    def apply_temperature(self, mean_log_prob: Tensor) -> None:
-        """Temperature step. The loss is -log_alpha_k (mean log pi_k + target entropy): per task,
-        each log-alpha gets its own task's gradient; shared, the mean over tasks. Written as the
-        gradient itself: no autograd graph for K numbers."""
+    def apply_temperature(self, mean_log_prob: Tensor, ok: Tensor) -> None:
+        """Temperature step (skipped unless ``ok``). The loss is -log_alpha_k (mean log pi_k +
+        target entropy): per task, each log-alpha gets its own task's gradient; shared, the mean
+        over tasks. Written as the gradient itself: no autograd graph for K numbers."""
         gap = mean_log_prob.detach() + self.target_entropy
         k = gap.shape[0]
         self.log_alpha.grad = -gap if self.log_alpha.numel() == k else -(gap / k).sum().reshape(1)
-        self.temperature_optimizer.step()
+        step_unless(self.temperature_optimizer, ~ok)
+
+    def count_skip(self, applied: Tensor) -> None:
+        """Update ``skip_counts`` (total, streak, longest streak) after an update, on the device."""
+        skipped = (~applied).to(torch.int64)
+        total, streak, longest = self.skip_counts.unbind()
+        streak = (streak + 1) * skipped
+        self.skip_counts.copy_(torch.stack([total + skipped, streak, torch.maximum(longest, streak)]))
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Skipped updates so far (reading it synchronises with the device)."""
+        return int(self.skip_counts[0])
+
+    @property
+    def longest_nonfinite_streak(self) -> int:
+        """The most consecutive skipped updates so far (reading it synchronises)."""
+        return int(self.skip_counts[2])
 
     def update_metrics(
         self,
@@ -227,8 +257,7 @@ class MultiTaskSAC(nn.Module):
             "actor_optimizer": self.actor_optimizer.state_dict(),
             "temperature_optimizer": self.temperature_optimizer.state_dict(),
             "generator": self.generator.get_state(),
-            "nonfinite_streak": self.nonfinite_streak,
-            "nonfinite_total": self.nonfinite_total,
+            "skip_counts": self.skip_counts.cpu(),
         }
 
     def load_training_state(self, state: dict[str, Any]) -> None:
@@ -237,8 +266,11 @@ class MultiTaskSAC(nn.Module):
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.temperature_optimizer.load_state_dict(state["temperature_optimizer"])
         self.generator.set_state(state["generator"])
-        self.nonfinite_streak = int(state["nonfinite_streak"])
-        self.nonfinite_total = int(state["nonfinite_total"])
+        if "skip_counts" in state:
+            self.skip_counts.copy_(state["skip_counts"])
+        else:  # a checkpoint from before the counters moved to the device
+            streak = int(state["nonfinite_streak"])
+            self.skip_counts.copy_(torch.tensor([int(state["nonfinite_total"]), streak, streak]))
 
 
 # ---------------------------------------------------------------------------------------------

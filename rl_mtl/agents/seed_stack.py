@@ -8,7 +8,8 @@ parameter of every seed is a slice of one stacked [S, ...] tensor, so
     axis of the very functions the single-seed update calls (``soft_td_target``,
     ``critic_gradients``, ``actor_gradients``): S x K tasks in one batched pass;
   * each seed's aggregator and optimiser step (``apply_critic`` / ``apply_actor``) run per seed,
-    writing through their parameters into the stack.
+    writing through their parameters into the stack; a seed whose update is not finite skips it
+    on the device, as alone, while the others go on.
 
 So a seed's update is the single-seed algorithm on the same numbers; it differs from a run of
 its own only by floating-point summation order inside the batched kernels.
@@ -27,7 +28,7 @@ from ..aggregators import Aggregator
 from ..buffers import Batch
 from ..gradients import TaskGradients, over_seeds
 from .networks import Params, sub_params
-from .sac import MultiTaskSAC, actor_gradients, critic_gradients, maybe_compile, soft_td_target
+from .sac import MultiTaskSAC, actor_gradients, critic_gradients, maybe_compile, soft_td_target, soft_update
 
 
 def stack_parameters(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
@@ -75,13 +76,9 @@ class SeedStackedSAC:
     def num_seeds(self) -> int:
         return len(self.agents)
 
-    def _noise(self, num_tasks: int, batch_size: int, seeds: Sequence[int] | None = None) -> Tensor:
-        """[S, K, B, A]: each seed's noise from its own generator (zeros for seeds not listed,
-        whose generators are then not advanced, as a skipped single-seed update does not)."""
-        chosen = range(self.num_seeds) if seeds is None else seeds
-        draws = {s: self.agents[s].noise(num_tasks, batch_size) for s in chosen}
-        zero = torch.zeros_like(next(iter(draws.values()))) if draws else None
-        return torch.stack([draws.get(s, zero) for s in range(self.num_seeds)])
+    def _noise(self, num_tasks: int, batch_size: int) -> Tensor:
+        """[S, K, B, A]: each seed's noise from its own generator."""
+        return torch.stack([agent.noise(num_tasks, batch_size) for agent in self.agents])
 
     @torch.no_grad()
     def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:
@@ -102,9 +99,9 @@ class SeedStackedSAC:
         critic_aggregators: Sequence[Aggregator],
         actor_aggregators: Sequence[Aggregator],
         need_diagnostics: bool = False,
-    ) -> list[dict[str, Tensor] | None]:
+    ) -> list[dict[str, Tensor]]:
         """One SAC update of every seed on its own batch ([S, K, B, ...]). Returns each seed's
-        metrics, or None for a seed whose update was skipped (non-finite), as
+        metrics, with ``applied`` False for a seed whose update was skipped (non-finite), as
         ``MultiTaskSAC.update`` does."""
         _, k, b = batch.reward.shape
         model, agents = self.model, self.agents
@@ -114,51 +111,43 @@ class SeedStackedSAC:
             model.cfg.gamma,
         )  # fmt: skip
         critic_grads = TaskGradients(*self.critic_pass(*self.critic, batch.obs, batch.action, td))
-        critic_weights, critic_grams = self._apply("critic", critic_grads, critic_aggregators, need_diagnostics)
-        alive = [s for s, w in enumerate(critic_weights) if w is not None]
-        if not alive:
-            return [None] * self.num_seeds
+        critic_ok = torch.isfinite(critic_grads.total())  # [S]
+        critic_weights, critic_grams = self._apply(
+            "critic", critic_grads, critic_ok, critic_aggregators, need_diagnostics
+        )
 
         # The stacks never require grad: the updated critic enters the actor's loss as a constant.
-        actor_grads = TaskGradients(
-            *self.actor_pass(*self.actor, *self.critic, batch.obs, self._noise(k, b, alive), alpha)
-        )
-        actor_weights, actor_grams = self._apply("actor", actor_grads, actor_aggregators, need_diagnostics, alive)
-        done = [s for s in alive if actor_weights[s] is not None]
-        for s in done:
-            agents[s].apply_temperature(actor_grads.aux[s])
+        actor_grads = TaskGradients(*self.actor_pass(*self.actor, *self.critic, batch.obs, self._noise(k, b), alpha))
+        applied = critic_ok & torch.isfinite(actor_grads.total())
+        actor_weights, actor_grams = self._apply("actor", actor_grads, applied, actor_aggregators, need_diagnostics)
+        for s, agent in enumerate(agents):
+            agent.apply_temperature(actor_grads.aux[s], applied[s])
         with torch.no_grad():
-            if len(done) == self.num_seeds:  # the usual case: one Polyak step for the whole stack
-                torch._foreach_lerp_(self.target_params, self.critic_params, model.cfg.tau)
-            else:  # some seeds skipped their update (non-finite): the others, one by one
-                for s in done:
-                    targets, sources = [p[s] for p in self.target_params], [p[s] for p in self.critic_params]
-                    torch._foreach_lerp_(targets, sources, model.cfg.tau)
-        metrics: list[dict[str, Tensor] | None] = [None] * self.num_seeds
-        for s in done:
-            metrics[s] = agents[s].update_metrics(
+            soft_update(self.target_params, self.critic_params, model.cfg.tau * applied)  # one step, all seeds
+        metrics = []
+        for s, agent in enumerate(agents):
+            agent.count_skip(applied[s])
+            seed_metrics = agent.update_metrics(
                 critic_grads.seed(s), actor_grads.seed(s), critic_weights[s], actor_weights[s], critic_grams[s],
                 actor_grams[s],
             )  # fmt: skip
+            metrics.append({**seed_metrics, "applied": applied[s]})
         return metrics
 
     def _apply(
         self,
         network: str,
         grads: TaskGradients,
+        ok: Tensor,
         aggregators: Sequence[Aggregator],
         need_diagnostics: bool,
-        seeds: Sequence[int] | None = None,
-    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
-        """Each listed seed's aggregation and optimiser step; (weights or None, Gramian or None)."""
-        seeds = range(self.num_seeds) if seeds is None else seeds
-        wants = {s: MultiTaskSAC.wants_gramian(grads, aggregators[s], need_diagnostics) for s in seeds}
-        grams = grads.gramian() if any(wants.values()) else None  # [S, K, K]: one batched product
-        finite = torch.isfinite(grads.total()).tolist()  # one host sync for all seeds
-        weights: list[Tensor | None] = [None] * self.num_seeds
-        used: list[Tensor | None] = [None] * self.num_seeds
-        for s in seeds:
-            used[s] = grams[s] if wants[s] else None
-            apply = getattr(self.agents[s], f"apply_{network}")  # apply_critic / apply_actor
-            weights[s] = apply(grads.seed(s), used[s], bool(finite[s]), aggregators[s])
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Each seed's aggregation and optimiser step (skipped where ``ok`` [S] is False);
+        (weights, Gramian or None) per seed."""
+        seeds = range(self.num_seeds)
+        wants = [MultiTaskSAC.wants_gramian(grads, aggregators[s], need_diagnostics) for s in seeds]
+        grams = grads.gramian() if any(wants) else None  # [S, K, K]: one batched product
+        used = [grams[s] if wants[s] else None for s in seeds]
+        apply = [getattr(agent, f"apply_{network}") for agent in self.agents]  # apply_critic / apply_actor
+        weights = [apply[s](grads.seed(s), used[s], ok[s], aggregators[s]) for s in seeds]
         return weights, used

@@ -31,7 +31,8 @@ class NashMTL(Aggregator):
 
     Fallback (counted): when M is singular in a way that leaves no solution (a zero task
     gradient, two opposite tasks) the solve uses a tiny ridge, M + 1e-10 diag(M); the
-    weights stay finite and the call is counted.
+    weights stay finite and the call is counted. A solve whose M is not finite returns the
+    mean (counted) and keeps the previous weights for the calls that reuse them.
     """
 
     name = "nashmtl"
@@ -92,7 +93,10 @@ class NashMTL(Aggregator):
         assert gramian is not None, "nashmtl: a Gramian is needed on this step (see needs_gramian())"
         weights = super().__call__(gramian, losses)
         self.step += 1
-        self._last = weights
+        if self._last is None or self._last.shape != weights.shape:
+            self._last = weights
+        else:  # a non-finite Gramian (a skipped update) must not set the weights reused until the next solve
+            self._last = torch.where(torch.isfinite(gramian).all(), weights, self._last.to(weights.device))
         return weights
 
     def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -3,17 +3,41 @@
 Both solvers are damped Newton methods on K x K systems, in float64, with a fixed iteration
 budget and a *parallel* backtracking line search (all step sizes 1, 1/2, 1/4, ... are tried at
 once and the largest acceptable one is taken with tensor ops). That keeps them free of
-data-dependent Python branches inside an iteration. On the CPU, where a check costs nothing,
-they stop as soon as they have converged; on the GPU the Nash/FairGrad solver checks every 8th
-iteration (one short host round trip each) and the simplex solver runs its fixed schedule.
+data-dependent Python branches inside an iteration, so that they run without reading anything
+back to the host. Where a read-back costs nothing (the CPU, ``may_read_back``) they stop as soon
+as they have converged; elsewhere (the GPU, inside ``vmap`` over seeds, under ``sync_free()``)
+they run their whole budget, sized from measured convergence (``fair_weights``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+_SYNC_FREE = contextvars.ContextVar("sync_free", default=False)
+
+
+@contextlib.contextmanager
+def sync_free() -> Iterator[None]:
+    """Solve without reading anything back to the host, whatever the device: what the GPU path
+    does, and what a batched (``vmap``) call needs; the tests use it to check the GPU path on
+    the CPU."""
+    token = _SYNC_FREE.set(True)
+    try:
+        yield
+    finally:
+        _SYNC_FREE.reset(token)
+
+
+def may_read_back(like: Tensor) -> bool:
+    """Whether a solver may test convergence on the host: only on the CPU, where the test costs
+    nothing; on the GPU it would stall the stream in the middle of every update."""
+    return like.device.type == "cpu" and not _SYNC_FREE.get()
+
 
 # Step sizes tried by the line search: 1, 1/2, ..., 2^-39.
 _N_STEPS = 40
@@ -29,8 +53,7 @@ def _line_search(objective: Callable[[Tensor], Tensor], x: Tensor, dx: Tensor, s
     values = objective(torch.where(feasible[:, None], candidates, x))
     # The relative slack absorbs float64 rounding near the optimum, where decreases are ~1e-16.
     accept = feasible & (values <= f0 + _ARMIJO * steps * slope + 1e-13 * f0.abs())
-    first = torch.argmax(accept.to(torch.int8))  # index of the first (largest) acceptable step
-    return torch.where(accept.any(), steps[first], torch.zeros_like(steps[0]))
+    return torch.where(accept, steps, 0.0).max()
 
 
 def _utility(w: Tensor, alpha: float) -> Tensor:
@@ -46,7 +69,7 @@ def fair_weights(
     alpha: float = 1.0,
     powers: Tensor | None = None,
     ridge: float = 1e-10,
-    max_iter: int = 60,
+    max_iter: int | None = None,
 ) -> Tensor:
     """Solve (A w)_i = p_i w_i^(-1/alpha), w > 0, for a PSD matrix A (float64, mean diag ~ 1).
 
@@ -54,8 +77,13 @@ def fair_weights(
     f(w) = 0.5 w^T A w - sum_i p_i h_alpha(w_i), minimised here by damped Newton. alpha = 1 is
     Nash-MTL (M w = p / w), alpha > 0 otherwise is FairGrad. A small ridge keeps the minimiser
     finite when A is singular (a zero task gradient, opposite tasks); callers check the
-    unregularised condition afterwards and count a fallback when it fails. Converges in about
-    five iterations on well-posed problems; ``max_iter`` covers the ridge-dominated ones.
+    unregularised condition afterwards and count a fallback when it fails.
+
+    ``max_iter`` (default ``newton_budget(alpha)``) bounds the iterations; where the solver may
+    read back (CPU) it stops once converged, elsewhere it runs them all. Measured: from the start
+    below, alpha = 1 converged within 17 iterations on every Gramian of a 300-update MT10 run
+    (critic and actor, condition numbers up to 7e5) and within 13 on random ones with K up to
+    100 and norms spread 100x; other alphas within 16 for alpha <= 2 there, more for alpha = 5.
 
     For alpha = 1, f / min(p) is self-concordant (a quadratic plus -log terms of weight >= 1),
     so the classical damped step 1 / (1 + lambda), lambda the Newton decrement, is guaranteed to
@@ -79,11 +107,9 @@ def fair_weights(
     pull = (p * u.pow(1.0 - inv_alpha)).sum()
     w = (pull / curvature).pow(alpha / (alpha + 1.0)) * u
 
-    # Convergence checks read a value back from the device: free on the CPU (every iteration),
-    # a short stall on the GPU (every 8th), far cheaper there than running all max_iter steps.
-    check_every = 8 if w.is_cuda else 1
+    read_back = may_read_back(w)
     min_power = p.min()
-    for it in range(max_iter):
+    for _ in range(newton_budget(alpha) if max_iter is None else max_iter):
         grad = a_reg @ w - p * w.pow(-inv_alpha)
         hess = a_reg + torch.diag(p * inv_alpha * w.pow(-inv_alpha - 1.0))
         dw = torch.linalg.solve_ex(hess, -grad)[0]
@@ -95,9 +121,16 @@ def fair_weights(
             step = _line_search(objective, w, dw, -decrement_sq)
         w = w + step * dw
         # lambda^2 ~ 1e-18 before a full step means the residual is ~1e-18 after it.
-        if (it + 1) % check_every == 0 and bool(decrement_sq < 1e-18 * k):
+        if read_back and bool(decrement_sq < 1e-18 * k):
             break
     return w
+
+
+def newton_budget(alpha: float) -> int:
+    """Newton iterations ``fair_weights`` allows: twice the most measured for Nash-MTL (self-
+    concordant, no line search), and 60 for the other alphas (line-searched, slower to settle).
+    Only the ridge-dominated problems, which have no solution and count as fallbacks, use it up."""
+    return 32 if alpha == 1.0 else 60
 
 
 def fair_residual(a: Tensor, w: Tensor, alpha: float, powers: Tensor | None = None) -> Tensor:
@@ -125,7 +158,7 @@ def simplex_minimize(
     """
     w = torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)
     ones = torch.ones(k, dtype=like.dtype, device=like.device)
-    check = not w.is_cuda
+    read_back = may_read_back(w)
     t = t_start
     while True:
         tt = t
@@ -144,8 +177,8 @@ def simplex_minimize(
             dw = dw - dw.mean()  # remove rounding drift off the plane
             slope = g @ dw  # -lambda^2: the Newton decrement of the barrier problem
             w = w + _line_search(barrier_value, w, dw, slope) * dw
-            if check and bool(slope > -1e-12):
-                break  # centred for this t (checked on the CPU only, where it costs nothing)
+            if read_back and bool(slope > -1e-12):
+                break  # centred for this t
         if t >= t_final:
             return w
         t = min(t * t_factor, t_final)
