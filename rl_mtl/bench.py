@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .aggregators import make_aggregator
+from .aggregators import aggregate_together, make_aggregator
 from .aggregators.base import normalize_gramian
 from .aggregators.reference import nash_cvxpy
+from .aggregators.solvers import sync_free
 from .config import ConfigError
 from .gradients import task_gradients, task_gradients_loop
 from .train import resolve_device
@@ -89,6 +91,57 @@ def bench_weights(device: torch.device, sizes: list[int], rounds: int) -> list[d
     return rows
 
 
+class KernelCount(TorchDispatchMode):
+    """Counts the ATen operations that compute something (views excluded): on a GPU each is a
+    kernel launch, and in eager mode launches, not arithmetic, set the cost of K x K solves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernels(fn: Callable[[], Any]) -> int:
+    with KernelCount() as counter:
+        fn()
+    return counter.count
+
+
+SEED_METHODS = ["nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg"]
+
+
+def bench_seed_aggregation(device: torch.device, rounds: int, seeds: int = 10, k: int = 10) -> list[dict[str, Any]]:
+    """``train --seeds``: the seeds' aggregators one call each vs ``aggregate_together`` (one
+    vmapped solve), on the GPU path (no host reads, whole iteration budget) on any device, plus
+    the CPU path's per-seed calls (each stops once converged) where the device is the CPU."""
+    grams = torch.stack([_gramian(k, device, seed=s) for s in range(seeds)])
+    losses = torch.ones(seeds, k, device=device)
+    rows = []
+    for method in SEED_METHODS:
+        aggs = {name: [make_aggregator(method) for _ in range(seeds)] for name in ("per seed", "together", "cpu")}
+
+        def per_seed(aggs=aggs["per seed"]):
+            return torch.stack([a(grams[s], losses[s]) for s, a in enumerate(aggs)])
+
+        def together(aggs=aggs["together"]):
+            return aggregate_together(aggs, grams, losses)
+
+        with sync_free():
+            kernels = {"per seed": count_kernels(per_seed), "together": count_kernels(together)}
+            times = time_interleaved({"per seed": per_seed, "together": together}, device, rounds)
+        if device.type == "cpu":
+            times["cpu path"] = time_interleaved({"cpu": lambda a=aggs["cpu"]: aggregate_together(a, grams, losses)},
+                                                 device, rounds)["cpu"]  # fmt: skip
+        rows.append({
+            "method": method, "seeds": seeds, "K": k, "kernels": kernels, "ms": {n: t * 1e3 for n, t in times.items()},
+            "kernels_together_over_per_seed": kernels["together"] / kernels["per seed"],
+        })  # fmt: skip
+    return rows
+
+
 def sac_sized_critic(obs_dim: int = 49, action_dim: int = 4, hidden: int = 400, layers: int = 3) -> nn.Module:
     dims = [obs_dim + action_dim] + [hidden] * layers
     mods: list[nn.Module] = []
@@ -148,6 +201,22 @@ def run_aggregators(args: argparse.Namespace) -> dict[str, Any]:
             f"published/newton = {row['nashmtl_published_over_newton']:7.1f}x   "
             f"max relative weight difference (newton vs cvxpy) = {row['nashmtl_max_rel_diff']:.2e}"
         )
+    seeds = bench_seed_aggregation(device, rounds)
+    print(
+        f"\n{seeds[0]['seeds']} seeds' aggregators (train --seeds), K={seeds[0]['K']}, on the GPU path (no host "
+        "reads): one call per seed vs one vmapped solve (aggregate_together); kernels = ATen operations "
+        "dispatched (views excluded), one launch each on a GPU; times (ms, median) on this device"
+        + ("; 'cpu path' = what the CPU runs (per-seed calls that stop once converged)" if device.type == "cpu" else "")
+    )
+    print(f"  {'method':<10} {'kernels per seed':>17} {'together':>9} {'ratio':>7} {'ms per seed':>12} {'together':>9}"
+          + (f" {'cpu path':>9}" if device.type == "cpu" else ""))  # fmt: skip
+    for row in seeds:
+        ms, kernels = row["ms"], row["kernels"]
+        print(
+            f"  {row['method']:<10} {kernels['per seed']:>17} {kernels['together']:>9} "
+            f"{row['kernels_together_over_per_seed']:>6.2f}x {ms['per seed']:>12.2f} {ms['together']:>9.2f}"
+            + (f" {ms['cpu path']:>9.2f}" if "cpu path" in ms else "")
+        )
     grads = bench_task_gradients(device, rounds)
     print(
         f"\nPer-task gradients, SAC-sized critic (3 x 400, obs 49 + action 4), K={grads['K']}, "
@@ -163,7 +232,10 @@ def run_aggregators(args: argparse.Namespace) -> dict[str, Any]:
         f"  vmapped / mean-loss = {grads['vmap_over_mean']:.2f}x   "
         f"separate / mean-loss = {grads['separate_over_mean']:.2f}x"
     )
-    return {"device": str(device), "torch": torch.__version__, "weights": weights, "task_gradients": grads}
+    return {
+        "device": str(device), "torch": torch.__version__, "weights": weights, "seed_aggregation": seeds,
+        "task_gradients": grads,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

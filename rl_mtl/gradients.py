@@ -79,8 +79,14 @@ class TaskGradients:
         return m.reshape(*lead, k, k)
 
     def combine(self, weights: Tensor) -> dict[str, Tensor]:
-        """weights @ G, as one tensor per shared parameter."""
-        return {name: torch.tensordot(weights.to(g.dtype), g, dims=1) for name, g in self.shared.items()}
+        """weights @ G, as one tensor per shared parameter; weights [K], or [S, K] with a seed axis
+        (each seed's weights on its own gradients, one batched product per parameter)."""
+        lead = weights.shape[:-1]
+        combined = {}
+        for name, g in self.shared.items():
+            rows = g.reshape(*lead, self.num_tasks, -1)  # [..., K, numel]
+            combined[name] = (weights.to(g.dtype)[..., None, :] @ rows).reshape(*lead, *g.shape[len(lead) + 1 :])
+        return combined
 
 
 def detached(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
@@ -153,7 +159,18 @@ def write_gradients(
 ) -> None:
     """Set ``.grad``: the shared parameters get ``weights @ G``; each task-specific slice gets
     its own task's plain (unweighted) gradient."""
-    for name, g in grads.combine(weights).items():
+    set_gradients(shared, task_specific, grads.combine(weights), grads.task_specific)
+
+
+def set_gradients(
+    shared: Mapping[str, nn.Parameter],
+    task_specific: Mapping[str, nn.Parameter],
+    combined: Mapping[str, Tensor],
+    task_grads: Mapping[str, Tensor],
+) -> None:
+    """``write_gradients`` with the combination done: ``combined`` is ``grads.combine(weights)``
+    (the seed-batched agent computes it for all seeds at once and passes each seed's slice)."""
+    for name, g in combined.items():
         shared[name].grad = g
     for name, p in task_specific.items():
-        p.grad = grads.task_specific[name].detach()  # a fresh tensor from the vmapped pass
+        p.grad = task_grads[name].detach()  # a fresh tensor from the vmapped pass

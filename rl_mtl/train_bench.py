@@ -1,8 +1,9 @@
 """``python -m rl_mtl.bench train``: end-to-end training throughput on the real vector envs.
 
 Measures in ONE run, side by side: env-only throughput (random actions, the same vector envs),
-the update time of each method, and full training throughput (act + step + store + update) per
-method, then the ratios method update / ls update and training / env-only throughput. With
+the update time of each method and the kernels it dispatches, and full training throughput
+(act + step + store + update) per method, then the ratios method update / ls update and training
+/ env-only throughput. With
 ``--seeds N`` every number is for N seeds trained together (``SeedBatch``, one vector env per
 seed): a step is then one vector step of every seed.
 """
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .aggregators.solvers import sync_free
+from .bench import KernelCount
 from .config import ConfigError, load_config
 from .envs import VectorEnvRunner, make_vector_env, task_names
 from .seed_batch import SeedBatch
@@ -77,6 +80,15 @@ def env_only_throughput(envs: list[Any], num_tasks: int, steps: int, rounds: int
     return statistics.median(rates)
 
 
+def kernels_per_update(driver: Trainer | SeedBatch) -> int:
+    """ATen kernels one update dispatches on the GPU path (no host reads; compiled passes run
+    eagerly for the count): on a GPU, where small kernels cost their launch, a measure of the
+    update's cost that this machine can take whatever its device. One extra update."""
+    with torch.compiler.set_stance("force_eager"), sync_free(), KernelCount() as counter:
+        driver.learn(diagnostics=False)
+    return counter.count
+
+
 def advance(driver: Trainer | SeedBatch, trainers: list[Trainer], learn: bool = False) -> None:
     """One collection step of every seed (with an update, overlapped with the env step when the
     trainer overlaps); finished episodes are reset, as the training loop does."""
@@ -130,10 +142,12 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
               f"torch threads: {torch.get_num_threads()}")  # fmt: skip
         env_sps = env_only_throughput(envs, len(tasks), steps, rounds, base.seed)
 
-        for driver, trainers in drivers.values():  # random-action warm-up fills each replay buffer
+        kernels = {}
+        for label, (driver, trainers) in drivers.items():  # random-action warm-up fills each replay buffer
             while trainers[0].step < warmup:
                 advance(driver, trainers)
             driver.learn(diagnostics=False)  # first-call overheads out of the timings
+            kernels[label] = kernels_per_update(driver)
         update_ms: dict[str, list[float]] = {m: [] for m in drivers}
         train_sps: dict[str, list[float]] = {m: [] for m in drivers}
         for _ in range(rounds):  # interleaved: a noisy neighbour slows every method alike
@@ -165,6 +179,8 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({
             "method": method, "compiled": compiled, "update_ms": upd,
             "update_over_ls": None if ls_update is None else upd / ls_update,
+            "kernels_per_update": kernels[label],
+            "kernels_over_ls": kernels[label] / kernels[ls_label] if ls_label in kernels else None,
             "update_over_eager": None if eager is None else upd / statistics.median(eager),
             "train_steps_per_s": sps, "train_over_env_only": sps / env_sps,
             "protocol_hours_10_seeds": batches * PROTOCOL_STEPS / sps / 3600,
@@ -172,17 +188,20 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     env_steps = env_sps * len(tasks) * len(seeds)
     print(f"\nenv-only (random actions): {env_sps:.1f} vector steps/s ({env_steps:.0f} env steps/s)")
     plan = "one after another" if len(seeds) == 1 else f"{batches} batch(es) of {len(seeds)}"
-    print(f"\n{'method':<18} {'update ms':>10} {'/ ls':>7} {'/ eager':>8} {'train steps/s':>14} {'/ env-only':>11} "
-          f"{'10 seeds x 2M, ' + plan:>34}")  # fmt: skip
+    print(f"\n{'method':<18} {'update ms':>10} {'/ ls':>7} {'/ eager':>8} {'kernels':>8} {'/ ls':>6} "
+          f"{'train steps/s':>14} {'/ env-only':>11} {'10 seeds x 2M, ' + plan:>34}")  # fmt: skip
     for r in rows:
-        ratios = ["-" if r[key] is None else f"{r[key]:.2f}x" for key in ("update_over_ls", "update_over_eager")]
+        keys = ("update_over_ls", "update_over_eager", "kernels_over_ls")
+        ratios = ["-" if r[key] is None else f"{r[key]:.2f}x" for key in keys]
         label = r["method"] + (" (compiled)" if r["compiled"] else "")
-        print(f"{label:<18} {r['update_ms']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {r['train_steps_per_s']:>14.1f} "
-              f"{r['train_over_env_only']:>10.2f}x {r['protocol_hours_10_seeds']:>31.1f} h")  # fmt: skip
+        print(f"{label:<18} {r['update_ms']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {r['kernels_per_update']:>8} "
+              f"{ratios[2]:>6} {r['train_steps_per_s']:>14.1f} {r['train_over_env_only']:>10.2f}x "
+              f"{r['protocol_hours_10_seeds']:>31.1f} h")  # fmt: skip
     print(
-        "\n(medians over interleaved timed blocks; a step is one vector step of every seed; the wall-clock "
-        "column extrapolates the measured training throughput of this config to 10 seeds of 2M steps, run in "
-        "batches of --seeds, evaluations excluded)"
+        "\n(medians over interleaved timed blocks; a step is one vector step of every seed; kernels: ATen kernels "
+        "one update dispatches on the GPU path, run eagerly, one launch each on a GPU; the wall-clock column "
+        "extrapolates the measured training throughput of this config to 10 seeds of 2M steps, run in batches "
+        "of --seeds, evaluations excluded)"
     )
     return {"device": str(device), "config": config, "tasks": len(tasks), "seeds": len(seeds),
             "compare_compile": args.compare_compile, "steps_per_block": steps, "rounds": rounds,

@@ -1,6 +1,7 @@
 """Aggregators: each method's defining condition, independent formulations, invariances,
 degenerate inputs and clear errors."""
 
+import contextlib
 import math
 import warnings
 
@@ -8,12 +9,13 @@ import pytest
 import torch
 from conftest import random_gramian
 
-from rl_mtl.aggregators import AGGREGATORS, AggregatorError, make_aggregator
+from rl_mtl.aggregators import AGGREGATORS, AggregatorError, aggregate_together, make_aggregator
 from rl_mtl.aggregators.base import normalize_gramian
 from rl_mtl.aggregators.cagrad import cagrad_dual_weights
 from rl_mtl.aggregators.mgda import min_norm_weights
 from rl_mtl.aggregators.pcgrad import pcgrad_weights
 from rl_mtl.aggregators.reference import cagrad_cvxpy, mgda_cvxpy
+from rl_mtl.aggregators.solvers import sync_free
 
 SIZES = [2, 3, 5, 10, 20, 50]
 ALL_METHODS = sorted(AGGREGATORS)
@@ -328,3 +330,60 @@ def test_published_style_cvxpy_run_reaches_the_same_weights_to_its_tolerance():
     published = nash_cvxpy(a, published=True)
     native = make_aggregator("nashmtl", max_norm=0)(a)
     assert torch.allclose(published, native, rtol=1e-2)  # its stopping rule is |A alpha - 1/alpha| < 1e-3
+
+
+# --- several seeds' aggregators at once (train --seeds) ----------------------------------------
+SEED_CASES = [(m, {}) for m in ALL_METHODS] + [("nashmtl", {"update_weights_every": 2})]
+
+
+@pytest.mark.parametrize("path", ["gpu path", "cpu path"])
+@pytest.mark.parametrize(("method", "options"), SEED_CASES, ids=[f"{m}{o or ''}" for m, o in SEED_CASES])
+def test_aggregating_seeds_together_equals_each_seed_alone(method, options, path):
+    """Each seed keeps its own state (fallback count, reused weights, task-order generator) and
+    gets the weights a call of its own gives, with one seed's Gramian degenerate and, in the
+    third call (a solve, also for Nash-MTL's reuse every 2), another's not finite. The GPU path
+    (one vmapped solve for all seeds) runs here under ``sync_free``."""
+    seeds, k = 3, 5
+
+    def make(s):
+        return make_aggregator(method, **({**options, "seed": s} if method == "pcgrad" else options))
+
+    alone, together = [make(s) for s in range(seeds)], [make(s) for s in range(seeds)]
+    for call in range(4):
+        grams = torch.stack([random_gramian(k, 10 * call + s, spread=10.0) for s in range(seeds)])
+        grams[0] = DEGENERATE["zero task gradient"].double()[[0, 1, 2, 2, 2]][:, [0, 1, 2, 2, 2]]
+        if call == 2:
+            grams[2, 0, 0] = float("nan")
+        losses = torch.rand(seeds, k, dtype=grams.dtype)
+        needs = [a.needs_gramian() for a in alone]
+        expected = torch.stack([a(grams[s] if needs[s] else None, losses[s]) for s, a in enumerate(alone)])
+        with sync_free() if path == "gpu path" else contextlib.nullcontext():
+            got = aggregate_together(together, grams, losses)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12, msg=f"call {call}")
+    for a, t in zip(alone, together, strict=True):
+        assert t.fallbacks == a.fallbacks
+        state_a, state_t = a.state_dict(), t.state_dict()
+        assert state_t.keys() == state_a.keys()
+        for key, value in state_a.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(state_t[key], value, rtol=1e-6, atol=1e-12)
+            else:
+                assert state_t[key] == value, key
+    assert together[0].fallbacks >= (method in ("nashmtl", "fairgrad")), "the degenerate seed's fallbacks"
+    assert together[2].fallbacks >= (method != "ls") and together[1].fallbacks == 0  # ls never looks at M
+
+
+@pytest.mark.parametrize(
+    ("options", "gpu_path", "solves"),
+    [({}, True, 1), ({}, False, 3), ({"solver": "cvxpy"}, True, 3)],
+    ids=["gpu path: one batched solve", "cpu path: one per seed", "host solver: one per seed"],
+)
+def test_seeds_share_one_batched_solve_on_the_gpu_path(monkeypatch, options, gpu_path, solves):
+    aggs = [make_aggregator("nashmtl", **options) for _ in range(3)]
+    calls = []
+    original = type(aggs[0]).solve
+    monkeypatch.setattr(type(aggs[0]), "solve", lambda self, *args: calls.append(1) or original(self, *args))
+    grams = torch.stack([random_gramian(4, s) for s in range(3)])
+    with sync_free() if gpu_path else contextlib.nullcontext():
+        aggregate_together(aggs, grams, torch.ones(3, 4, dtype=grams.dtype))
+    assert len(calls) == solves

@@ -16,7 +16,14 @@ def test_aggregator_benchmark_quick_mode_writes_json(tmp_path, capsys):
         assert set(row["ms"]) >= {"ls", "nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg", "nashmtl (cvxpy)"}
         assert row["nashmtl_max_rel_diff"] < 1e-4
     assert result["task_gradients"]["vmap_over_mean"] > 0
-    assert "vmapped / mean-loss" in capsys.readouterr().out
+    # train --seeds: one vmapped solve for all seeds dispatches fewer kernels than a call per seed
+    seeds = {row["method"]: row for row in result["seed_aggregation"]}
+    assert set(seeds) == {"nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg"}
+    for row in seeds.values():
+        assert 0 < row["kernels"]["together"] < row["kernels"]["per seed"], row
+        assert set(row["ms"]) == {"per seed", "together", "cpu path"}
+    printed = capsys.readouterr().out
+    assert "vmapped / mean-loss" in printed and "one vmapped solve" in printed
 
 
 def test_training_benchmark_quick_mode_reports_ratios(tmp_path, capsys):
@@ -27,6 +34,11 @@ def test_training_benchmark_quick_mode_reports_ratios(tmp_path, capsys):
     rows = {r["method"]: r for r in result["methods"]}
     assert rows["ls"]["update_over_ls"] == 1.0 and rows["nashmtl"]["update_over_ls"] > 0
     assert rows["nashmtl"]["train_over_env_only"] > 0
+    # the kernels an update dispatches on the GPU path: Nash-MTL's two solves come on top of ls's work
+    assert rows["nashmtl"]["kernels_per_update"] > rows["ls"]["kernels_per_update"] > 0
+    assert (
+        rows["nashmtl"]["kernels_over_ls"] == rows["nashmtl"]["kernels_per_update"] / rows["ls"]["kernels_per_update"]
+    )
     assert "env-only (random actions)" in capsys.readouterr().out
 
 
@@ -40,6 +52,7 @@ def test_training_benchmark_measures_seeds_trained_together_eager_and_compiled(t
     assert (eager["method"], eager["compiled"], compiled["method"], compiled["compiled"]) == ("ls", False, "ls", True)
     assert eager["update_over_ls"] == compiled["update_over_ls"] == 1.0  # each against ls of its own kind
     assert compiled["update_over_eager"] == pytest.approx(compiled["update_ms"] / eager["update_ms"])
+    assert compiled["kernels_per_update"] == eager["kernels_per_update"]  # counted eagerly: the same update
     # 10 seeds in 5 batches of 2: 5 x 2M steps at the measured batched throughput
     for row in result["methods"]:
         assert row["protocol_hours_10_seeds"] == pytest.approx(5 * 2e6 / row["train_steps_per_s"] / 3600)

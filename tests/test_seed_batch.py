@@ -1,6 +1,7 @@
 """Several seeds trained together (``--seeds``): the same algorithm per seed as a run alone."""
 
 import argparse
+import contextlib
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from rl_mtl.agents import MultiTaskSAC
 from rl_mtl.agents.seed_stack import SeedStackedSAC
 from rl_mtl.aggregators import make_aggregator
+from rl_mtl.aggregators.solvers import sync_free
 from rl_mtl.buffers import Batch, MultiTaskReplayBuffer, StackedReplay
 from rl_mtl.checkpoint import load_checkpoint
 from rl_mtl.config import ConfigError, load_config
@@ -67,14 +69,18 @@ def _seed_batch(batch, s):
         ("imtlg", "independent", None),
     ],
 )
-def test_a_seed_batched_update_is_the_single_seed_update_for_every_seed(method, architecture, poison):
+@pytest.mark.parametrize("path", ["cpu path", "gpu path"])
+def test_a_seed_batched_update_is_the_single_seed_update_for_every_seed(method, architecture, poison, path):
+    """On the GPU path (run here under ``sync_free``) the seeds' aggregators also solve as one
+    batch, and every solver runs its whole budget, alone and together."""
     seeds = [0, 1, 2]
     alone, together = _agents(seeds, architecture), _agents(seeds, architecture)
     stack = SeedStackedSAC(together)
     aggs_alone, aggs_together = _aggregators(method, seeds), _aggregators(method, seeds)
     for batch in _batches(len(seeds), 3, poison):
-        expected = [alone[s].update(_seed_batch(batch, s), *aggs_alone[s], True) for s in range(len(seeds))]
-        got = stack.update(batch, [a[0] for a in aggs_together], [a[1] for a in aggs_together], True)
+        with sync_free() if path == "gpu path" else contextlib.nullcontext():
+            expected = [alone[s].update(_seed_batch(batch, s), *aggs_alone[s], True) for s in range(len(seeds))]
+            got = stack.update(batch, [a[0] for a in aggs_together], [a[1] for a in aggs_together], True)
         for s in range(len(seeds)):
             assert bool(got[s]["applied"]) == bool(expected[s]["applied"]), f"seed {s}: skipped in one path only"
             for name, value in expected[s].items():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..aggregators import Aggregator
 from ..buffers import Batch
 from ..config import AgentConfig
-from ..gradients import TaskGradients, detached, task_gradient_fields, write_gradients
+from ..gradients import TaskGradients, detached, set_gradients, task_gradient_fields
 from .networks import Actor, Params, SplitParams, TwinCritic
 
 
@@ -44,6 +44,16 @@ def min_pairwise_cosine(gramian: Tensor) -> Tensor:
     cosine = gramian / torch.outer(norms, norms)
     diagonal = torch.eye(k, dtype=torch.bool, device=gramian.device)
     return torch.where(diagonal, torch.inf, cosine).min()  # a boolean mask would sync for its size
+
+
+def aggregate(grads: TaskGradients, gramian: Tensor | None, aggregator: Aggregator) -> Tensor:
+    """The aggregator's weights [K]; it gets the Gramian only on calls that need it (the
+    aggregator runs whether or not the update is skipped: deciding that would need a host read,
+    and on non-finite input it returns finite weights and counts a fallback). Independent
+    networks share nothing: all ones."""
+    if not grads.shared:
+        return torch.ones_like(grads.losses)
+    return aggregator(gramian if aggregator.needs_gramian() else None, grads.losses)
 
 
 def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
@@ -130,7 +140,8 @@ class MultiTaskSAC(nn.Module):
         critic's step, which came first.
 
         The seed-batched agent (``SeedStackedSAC``) runs the same steps for several agents at
-        once: the pure functions below under ``vmap`` over seeds, the ``apply_*`` methods per seed.
+        once: the pure functions below and the aggregators' solves under ``vmap`` over seeds, the
+        ``apply_*`` methods (optimiser steps) per seed.
         """
         k, b = batch.reward.shape
         alpha = self.temperatures().detach()
@@ -141,7 +152,8 @@ class MultiTaskSAC(nn.Module):
         critic_grads = TaskGradients(*self.critic_pass(*self.critic.split(), batch.obs, batch.action, td_target))
         critic_gram = self.gramian_for(critic_grads, critic_aggregator, need_diagnostics)
         critic_ok = torch.isfinite(critic_grads.total())
-        critic_weights = self.apply_critic(critic_grads, critic_gram, critic_ok, critic_aggregator)
+        critic_weights = aggregate(critic_grads, critic_gram, critic_aggregator)
+        self.apply_gradients("critic", critic_grads.combine(critic_weights), critic_grads.task_specific, critic_ok)
 
         # The actor sees the updated critic as a constant: its parameters enter as plain tensors.
         critic_now = tuple(detached(p) for p in self.critic.split())
@@ -149,7 +161,8 @@ class MultiTaskSAC(nn.Module):
         actor_grads = TaskGradients(*self.actor_pass(*self.actor.split(), *critic_now, batch.obs, noise, alpha))
         actor_gram = self.gramian_for(actor_grads, actor_aggregator, need_diagnostics)
         applied = critic_ok & torch.isfinite(actor_grads.total())
-        actor_weights = self.apply_actor(actor_grads, actor_gram, applied, actor_aggregator)
+        actor_weights = aggregate(actor_grads, actor_gram, actor_aggregator)
+        self.apply_gradients("actor", actor_grads.combine(actor_weights), actor_grads.task_specific, applied)
         self.apply_temperature(actor_grads.aux, applied)
         with torch.no_grad():
             targets, sources = list(self.critic_target.parameters()), list(self.critic.parameters())
@@ -172,34 +185,16 @@ class MultiTaskSAC(nn.Module):
         """The Gramian when ``wants_gramian`` (None: not computed)."""
         return grads.gramian() if self.wants_gramian(grads, aggregator, need_diagnostics) else None
 
-    def apply_critic(self, grads: TaskGradients, gramian: Tensor | None, ok: Tensor, aggregator: Aggregator) -> Tensor:
-        """Aggregate, write .grad, step the critic's optimiser unless ``ok`` (0-dim bool) is
-        False; returns the weights."""
-        return self._step_network(self.critic, self.critic_optimizer, grads, gramian, ok, aggregator)
-
-    def apply_actor(self, grads: TaskGradients, gramian: Tensor | None, ok: Tensor, aggregator: Aggregator) -> Tensor:
-        return self._step_network(self.actor, self.actor_optimizer, grads, gramian, ok, aggregator)
-
-    def _step_network(
-        self,
-        network: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        grads: TaskGradients,
-        gramian: Tensor | None,
-        ok: Tensor,
-        aggregator: Aggregator,
-    ) -> Tensor:
-        # The aggregator runs whatever ``ok`` says (deciding on the host would need a read-back);
-        # on non-finite input it returns finite weights and counts a fallback. ``ok`` checks the
-        # gradients themselves (a finite loss can still overflow in backward), so a non-finite
-        # step never reaches the parameters, whether or not this step computes the Gramian.
-        if not grads.shared:  # independent networks: nothing to aggregate
-            weights = torch.ones_like(grads.losses)
-        else:
-            weights = aggregator(gramian if aggregator.needs_gramian() else None, grads.losses)
-        write_gradients(*network.split(), grads, weights)
+    def apply_gradients(
+        self, network: str, combined: dict[str, Tensor], task_grads: dict[str, Tensor], ok: Tensor
+    ) -> None:
+        """Set the ``network``'s ("critic" or "actor") gradients, ``combined`` (the aggregated
+        shared ones) and each task's own, and step its optimiser unless ``ok`` (0-dim bool) is
+        False: a non-finite step never reaches the parameters (``ok`` checks the gradients
+        themselves, since a finite loss can still overflow in backward)."""
+        module, optimizer = getattr(self, network), getattr(self, f"{network}_optimizer")
+        set_gradients(*module.split(), combined, task_grads)
         step_unless(optimizer, ~ok)
-        return weights
 
     def apply_temperature(self, mean_log_prob: Tensor, ok: Tensor) -> None:
         """Temperature step (skipped unless ``ok``). The loss is -log_alpha_k (mean log pi_k +

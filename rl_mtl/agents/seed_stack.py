@@ -7,9 +7,11 @@ parameter of every seed is a slice of one stacked [S, ...] tensor, so
   * the forward passes and the per-task gradients of all S seeds are ONE ``vmap`` over the seed
     axis of the very functions the single-seed update calls (``soft_td_target``,
     ``critic_gradients``, ``actor_gradients``): S x K tasks in one batched pass;
-  * each seed's aggregator and optimiser step (``apply_critic`` / ``apply_actor``) run per seed,
-    writing through their parameters into the stack; a seed whose update is not finite skips it
-    on the device, as alone, while the others go on.
+  * the aggregators' solves of all seeds are one ``vmap`` too (``aggregate_together``: each
+    seed keeps its own aggregator state), and so is combining the per-task gradients;
+  * each seed's optimiser step (``apply_gradients``) runs per seed, writing through its
+    parameters into the stack; a seed whose update is not finite skips it on the device, as
+    alone, while the others go on.
 
 So a seed's update is the single-seed algorithm on the same numbers; it differs from a run of
 its own only by floating-point summation order inside the batched kernels.
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ..aggregators import Aggregator
+from ..aggregators import Aggregator, aggregate_together
 from ..buffers import Batch
 from ..gradients import TaskGradients, over_seeds
 from .networks import Params, sub_params
@@ -141,13 +143,17 @@ class SeedStackedSAC:
         ok: Tensor,
         aggregators: Sequence[Aggregator],
         need_diagnostics: bool,
-    ) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Each seed's aggregation and optimiser step (skipped where ``ok`` [S] is False);
-        (weights, Gramian or None) per seed."""
-        seeds = range(self.num_seeds)
-        wants = [MultiTaskSAC.wants_gramian(grads, aggregators[s], need_diagnostics) for s in seeds]
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Every seed's aggregation (one batched solve) and optimiser step (skipped where
+        ``ok`` [S] is False); (weights [S, K], each seed's Gramian or None)."""
+        wants = [MultiTaskSAC.wants_gramian(grads, agg, need_diagnostics) for agg in aggregators]
         grams = grads.gramian() if any(wants) else None  # [S, K, K]: one batched product
-        used = [grams[s] if wants[s] else None for s in seeds]
-        apply = [getattr(agent, f"apply_{network}") for agent in self.agents]  # apply_critic / apply_actor
-        weights = [apply[s](grads.seed(s), used[s], ok[s], aggregators[s]) for s in seeds]
-        return weights, used
+        if grads.shared:
+            weights = aggregate_together(aggregators, grams, grads.losses)
+        else:  # independent networks share nothing
+            weights = torch.ones_like(grads.losses)
+        combined = grads.combine(weights)  # one product per parameter for all seeds
+        for s, agent in enumerate(self.agents):
+            mine = {name: g[s] for name, g in combined.items()}
+            agent.apply_gradients(network, mine, grads.seed(s).task_specific, ok[s])
+        return weights, [grams[s] if wanted else None for s, wanted in enumerate(wants)]

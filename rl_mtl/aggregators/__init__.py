@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import Aggregator, AggregatorError
+from .base import Aggregator, AggregatorError, aggregate_together
 from .cagrad import CAGrad
 from .fairgrad import FairGrad
 from .imtlg import IMTLG
@@ -40,4 +40,4 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
     return AGGREGATORS[name](**options)
 
 
-__all__ = ["AGGREGATORS", "Aggregator", "AggregatorError", "make_aggregator", "valid_options"]
+__all__ = ["AGGREGATORS", "Aggregator", "AggregatorError", "aggregate_together", "make_aggregator", "valid_options"]

@@ -39,6 +39,9 @@ class FairGrad(Aggregator):
     def options(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "solver": self.solver}
 
+    def batchable(self) -> bool:
+        return self.solver == "newton"
+
     def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
         a, scale, degenerate = normalize_gramian(gramian)
         if self.solver == "newton":

@@ -91,13 +91,19 @@ class NashMTL(Aggregator):
                 self._last = self._last.to(losses.device)
             return self._last
         assert gramian is not None, "nashmtl: a Gramian is needed on this step (see needs_gramian())"
-        weights = super().__call__(gramian, losses)
+        return super().__call__(gramian, losses)
+
+    def record(self, gramian: Tensor, weights: Tensor, fallback: Tensor) -> Tensor:
+        weights = super().record(gramian, weights, fallback)
         self.step += 1
         if self._last is None or self._last.shape != weights.shape:
             self._last = weights
         else:  # a non-finite Gramian (a skipped update) must not set the weights reused until the next solve
             self._last = torch.where(torch.isfinite(gramian).all(), weights, self._last.to(weights.device))
         return weights
+
+    def batchable(self) -> bool:
+        return self.solver == "newton"
 
     def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
         k = gramian.shape[0]

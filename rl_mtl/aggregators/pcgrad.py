@@ -51,12 +51,12 @@ class PCGrad(Aggregator):
     def options(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    def draw_order(self, k: int) -> Tensor:
-        return torch.argsort(torch.rand(k, k, generator=self.generator), dim=1)
+    def draw(self, k: int) -> dict[str, Tensor]:
+        """K task orders [K, K] (row i: the order task i visits the others), on the CPU."""
+        return {"order": torch.argsort(torch.rand(k, k, generator=self.generator), dim=1)}
 
-    def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
-        k = gramian.shape[0]
-        order = self.draw_order(k).to(gramian.device, non_blocking=True)
+    def _weights(self, gramian: Tensor, losses: Tensor | None, order: Tensor) -> tuple[Tensor, Tensor]:
+        order = order.to(gramian.device, non_blocking=True)
         a, _, _ = normalize_gramian(gramian)  # the weights are scale invariant
         return pcgrad_weights(a, order), self.no_fallback(gramian)
 
