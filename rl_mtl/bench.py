@@ -208,13 +208,15 @@ def run_aggregators(args: argparse.Namespace) -> dict[str, Any]:
         "dispatched (views excluded), one launch each on a GPU; times (ms, median) on this device"
         + ("; 'cpu path' = what the CPU runs (per-seed calls that stop once converged)" if device.type == "cpu" else "")
     )
-    print(f"  {'method':<10} {'kernels per seed':>17} {'together':>9} {'ratio':>7} {'ms per seed':>12} {'together':>9}"
+    print(f"  {'':<10} {'kernels':>27} {'':>7} {'ms':>22}")
+    per_seed = "a call per seed"
+    print(f"  {'method':<10} {per_seed:>16} {'together':>10} {'ratio':>7} {per_seed:>16} {'together':>9}"
           + (f" {'cpu path':>9}" if device.type == "cpu" else ""))  # fmt: skip
     for row in seeds:
         ms, kernels = row["ms"], row["kernels"]
         print(
-            f"  {row['method']:<10} {kernels['per seed']:>17} {kernels['together']:>9} "
-            f"{row['kernels_together_over_per_seed']:>6.2f}x {ms['per seed']:>12.2f} {ms['together']:>9.2f}"
+            f"  {row['method']:<10} {kernels['per seed']:>16} {kernels['together']:>10} "
+            f"{row['kernels_together_over_per_seed']:>6.2f}x {ms['per seed']:>16.2f} {ms['together']:>9.2f}"
             + (f" {ms['cpu path']:>9.2f}" if "cpu path" in ms else "")
         )
     grads = bench_task_gradients(device, rounds)

@@ -345,11 +345,17 @@ class Trainer:
         """Accumulate an update's metrics (a skipped one adds nothing but its count, on the device)."""
         self.sums.add(metrics)
 
+    def logs_or_saves(self, terminated: np.ndarray, truncated: np.ndarray) -> bool:
+        """Whether ``finish_step`` may log or save after this step (a checkpoint needs an
+        episode end, or the last step)."""
+        t = self.cfg.train
+        return self.step % t.log_every == 0 or bool((terminated | truncated).any()) or self.step == t.total_steps
+
     def check_skipped_updates(self) -> None:
         """Stop once ``train.max_nonfinite_updates`` updates in a row were skipped. The counters
-        live on the device, so this is read when the run logs or saves, not after every update:
-        the run stops at the first of those points after the limit (skipped updates change
-        nothing, so the extra ones are harmless), and never saves a checkpoint past it."""
+        live on the device, so the loop reads them only before a log or a save, not after every
+        update: the run stops at the first of those points after the limit (skipped updates
+        change nothing, so the extra ones are harmless), and never saves a checkpoint past it."""
         longest = self.agent.longest_nonfinite_streak
         if longest >= self.cfg.train.max_nonfinite_updates:
             raise NonFiniteLossError(
@@ -377,7 +383,6 @@ class Trainer:
         t = self.cfg.train
         self.interval_steps += 1
         if self.step % t.log_every == 0:
-            self.check_skipped_updates()
             rate = self.interval_steps / max(time.perf_counter() - self.interval_start, 1e-9)
             self._log_training(logger, rate)
             bar.set_postfix_str(f"{rate:.1f} steps/s", refresh=False)
@@ -466,7 +471,6 @@ class Trainer:
         return float(success.mean())
 
     def _save(self, logger: RunLogger) -> None:
-        self.check_skipped_updates()
         logger.flush()
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state_dict())
         self.last_checkpoint_step = self.step
@@ -506,6 +510,11 @@ def train_together(
             bar.update(1)
             if stop_at_step is not None and lead.step > stop_at_step:
                 return EXIT_INTERRUPTED
+            # Every run's streak of skipped updates, before any of them logs or saves: seeds
+            # trained together then stop with checkpoints of one step, resumable together.
+            if any(trainer.logs_or_saves(*outcome) for trainer, outcome in zip(trainers, outcomes, strict=True)):
+                for trainer in trainers:
+                    trainer.check_skipped_updates()
             # Seeds trained together are evaluated together (their eval envs in lockstep).
             evaluations = driver.evaluate() if lead.eval_due() else [None] * len(trainers)
             statuses = [

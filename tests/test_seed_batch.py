@@ -3,10 +3,11 @@
 import argparse
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
-from rl_mtl.agents import MultiTaskSAC
+from rl_mtl.agents import MultiTaskSAC, NonFiniteLossError
 from rl_mtl.agents.seed_stack import SeedStackedSAC
 from rl_mtl.aggregators import make_aggregator
 from rl_mtl.aggregators.solvers import sync_free
@@ -14,7 +15,7 @@ from rl_mtl.buffers import Batch, MultiTaskReplayBuffer, StackedReplay
 from rl_mtl.checkpoint import load_checkpoint
 from rl_mtl.config import ConfigError, load_config
 from rl_mtl.logging import read_metrics
-from rl_mtl.train import EXIT_INTERRUPTED, check_trainable_together, main, parse_seeds, run, run_together
+from rl_mtl.train import EXIT_INTERRUPTED, Trainer, check_trainable_together, main, parse_seeds, run, run_together
 
 K, B, OBS, ACT = 4, 16, 7, 3
 FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
@@ -208,3 +209,27 @@ def test_seed_lists_and_runs_that_cannot_train_together_are_refused(tmp_path, ca
         check_trainable_together([(a, tmp_path / "a", None), (a, tmp_path / "b", None)])
     assert main(["--resume", str(tmp_path / "a"), "--seeds", "0-1"]) == 2
     assert "--seeds starts new runs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_seed_whose_updates_stay_non_finite_stops_the_batch_at_one_checkpoint_step(tmp_path, monkeypatch):
+    """Seed 1's rewards are all nan: its updates are skipped on the device, and the batch stops
+    at the first checkpoint after the limit, before ANY seed saves there, so the seeds' last
+    checkpoints are of one step (resumable together, or the healthy ones alone)."""
+    original = Trainer.receive
+
+    def receive(self):
+        packed, terminated, truncated = original(self)
+        if self.cfg.seed == 1:
+            packed[:, -2] = np.nan  # the rewards column
+        return packed, terminated, truncated
+
+    monkeypatch.setattr(Trainer, "receive", receive)
+    # 50-step episodes: checkpoints due at steps 100 (end of the warm-up) and 150
+    overrides = ["train.max_nonfinite_updates=5", "train.checkpoint_every=50", "train.log_every=100"]
+    cfgs = [load_config("smoke", overrides, method="nashmtl", seed=s) for s in (0, 1)]
+    with pytest.raises(NonFiniteLossError, match=r"seed1: 50 consecutive updates"):
+        run_together([(cfg, tmp_path / f"seed{cfg.seed}", None) for cfg in cfgs], progress=False)
+    assert [load_checkpoint(tmp_path / f"seed{s}" / "checkpoint.pt")["step"] for s in (0, 1)] == [100, 100]
+    monkeypatch.undo()
+    assert main(["--resume", str(tmp_path / "seed0"), "--set", "train.total_steps=150", "--no-progress"]) == 0
