@@ -238,3 +238,31 @@ def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_grami
     assert not bool(agent.update(batch, *aggs)["applied"])
     assert agent.nonfinite_total == 1
     assert all(torch.equal(v, before[k]) for k, v in agent.state_dict().items())
+
+
+def test_a_checkpoint_from_before_the_device_side_skip_resumes():
+    """Older checkpoints hold non-fused Adam states and host counters of skipped updates; the
+    agent loads them as fused optimisers (the device-side skip needs that) and device counters."""
+    from rl_mtl.agents import MultiTaskSAC
+    from rl_mtl.aggregators import make_aggregator
+    from rl_mtl.buffers import Batch
+
+    cfg = load_config("smoke").agent
+    torch.manual_seed(0)
+    old = MultiTaskSAC(5, 2, 3, cfg, torch.device("cpu"))
+    batch = Batch(torch.randn(3, 4, 5), torch.zeros(3, 4, 2), torch.ones(3, 4), torch.randn(3, 4, 5), torch.zeros(3, 4))
+    old.update(batch, make_aggregator("ls"), make_aggregator("ls"))
+    state = old.training_state()
+    for name in ("critic_optimizer", "actor_optimizer", "temperature_optimizer"):
+        for group in state[name]["param_groups"]:
+            group["fused"] = None  # what a CPU checkpoint of the earlier code says
+    del state["skip_counts"]
+    state.update(nonfinite_streak=2, nonfinite_total=7)
+
+    agent = MultiTaskSAC(5, 2, 3, cfg, torch.device("cpu"))
+    agent.load_training_state(state)
+    assert all(g["fused"] for g in agent.critic_optimizer.param_groups)
+    assert agent.nonfinite_total == 7 and agent.longest_nonfinite_streak == 2
+    assert bool(agent.update(batch, make_aggregator("ls"), make_aggregator("ls"))["applied"])
+    steps = [float(s["step"]) for s in agent.critic_optimizer.state.values()]
+    assert steps == [2.0] * len(steps)  # resumed from the saved count

@@ -64,6 +64,17 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
     optimizer.step()
 
 
+def load_fused(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an Adam's state and keep it fused (``step_unless`` needs that): a checkpoint from
+    before every Adam here was fused restores a non-fused group, with CPU step counts."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+    for param, param_state in optimizer.state.items():
+        if "step" in param_state:
+            param_state["step"] = param_state["step"].to(device=param.device, dtype=torch.float32)
+
+
 def soft_update(targets: list[Tensor], sources: list[Tensor], weight: Tensor) -> None:
     """Polyak step targets += weight (sources - targets). ``weight`` is 0-dim, or [S] for
     seed-stacked tensors (one weight per seed); zero where an update was skipped."""
@@ -257,9 +268,8 @@ class MultiTaskSAC(nn.Module):
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["modules"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.temperature_optimizer.load_state_dict(state["temperature_optimizer"])
+        for name in ("critic_optimizer", "actor_optimizer", "temperature_optimizer"):
+            load_fused(getattr(self, name), state[name])
         self.generator.set_state(state["generator"])
         if "skip_counts" in state:
             self.skip_counts.copy_(state["skip_counts"])
