@@ -144,8 +144,9 @@ class SeedStackedSAC:
         aggregators: Sequence[Aggregator],
         need_diagnostics: bool,
     ) -> tuple[Tensor, list[Tensor | None]]:
-        """Every seed's aggregation (one batched solve) and optimiser step (skipped where
-        ``ok`` [S] is False); (weights [S, K], each seed's Gramian or None)."""
+        """Every seed's aggregation (``aggregate_together``: one batched solve on the GPU path)
+        and optimiser step (skipped where ``ok`` [S] is False); (weights [S, K], each seed's
+        Gramian or None)."""
         wants = [MultiTaskSAC.wants_gramian(grads, agg, need_diagnostics) for agg in aggregators]
         grams = grads.gramian() if any(wants) else None  # [S, K, K]: one batched product
         if grads.shared:
