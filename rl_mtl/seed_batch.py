@@ -73,7 +73,7 @@ class SeedBatch:
             last = i == t.updates_per_step - 1
             results = self.agent.update(batch, critic_aggregators, actor_aggregators, diagnostics and last)
             for trainer, metrics in zip(self.trainers, results, strict=True):
-                trainer.record_update(metrics)
+                trainer.sums.add(metrics)
 
     def evaluate(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Evaluate every seed at once (each with its own eval env and policy): per seed, the

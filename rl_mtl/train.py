@@ -337,13 +337,7 @@ class Trainer:
         for i in range(t.updates_per_step):
             batch = self.buffer.sample(t.batch_size_per_task)
             last = i == t.updates_per_step - 1
-            self.record_update(
-                self.agent.update(batch, self.critic_aggregator, self.actor_aggregator, diagnostics and last)
-            )
-
-    def record_update(self, metrics: dict[str, torch.Tensor]) -> None:
-        """Accumulate an update's metrics (a skipped one adds nothing but its count, on the device)."""
-        self.sums.add(metrics)
+            self.sums.add(self.agent.update(batch, self.critic_aggregator, self.actor_aggregator, diagnostics and last))
 
     def logs_or_saves(self, terminated: np.ndarray, truncated: np.ndarray) -> bool:
         """Whether ``finish_step`` may log or save after this step (a checkpoint needs an
@@ -353,9 +347,10 @@ class Trainer:
 
     def check_skipped_updates(self) -> None:
         """Stop once ``train.max_nonfinite_updates`` updates in a row were skipped. The counters
-        live on the device, so the loop reads them only before a log or a save, not after every
-        update: the run stops at the first of those points after the limit (skipped updates
-        change nothing, so the extra ones are harmless), and never saves a checkpoint past it."""
+        live on the device, so the loop reads them only where a run may log or save (log steps,
+        episode ends), not after every update: the run stops at the first of those points after
+        the limit (skipped updates change nothing, so the extra ones are harmless), and never
+        saves a checkpoint past it."""
         longest = self.agent.longest_nonfinite_streak
         if longest >= self.cfg.train.max_nonfinite_updates:
             raise NonFiniteLossError(

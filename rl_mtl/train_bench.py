@@ -2,10 +2,10 @@
 
 Measures in ONE run, side by side: env-only throughput (random actions, the same vector envs),
 the update time of each method and the kernels it dispatches, and full training throughput
-(act + step + store + update) per method, then the ratios method update / ls update and training
-/ env-only throughput. With
-``--seeds N`` every number is for N seeds trained together (``SeedBatch``, one vector env per
-seed): a step is then one vector step of every seed.
+(act + step + store + update) per method, then the ratios method update / ls update, kernels /
+ls kernels and training / env-only throughput. With ``--seeds N`` every number is for N seeds
+trained together (``SeedBatch``, one vector env per seed): a step is then one vector step of
+every seed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .aggregators.solvers import sync_free
-from .bench import KernelCount
+from .bench import count_kernels
 from .config import ConfigError, load_config
 from .envs import VectorEnvRunner, make_vector_env, task_names
 from .seed_batch import SeedBatch
@@ -84,9 +84,8 @@ def kernels_per_update(driver: Trainer | SeedBatch) -> int:
     """ATen kernels one update dispatches on the GPU path (no host reads; compiled passes run
     eagerly for the count): on a GPU, where small kernels cost their launch, a measure of the
     update's cost that this machine can take whatever its device. One extra update."""
-    with torch.compiler.set_stance("force_eager"), sync_free(), KernelCount() as counter:
-        driver.learn(diagnostics=False)
-    return counter.count
+    with torch.compiler.set_stance("force_eager"), sync_free():
+        return count_kernels(lambda: driver.learn(diagnostics=False))
 
 
 def advance(driver: Trainer | SeedBatch, trainers: list[Trainer], learn: bool = False) -> None:
