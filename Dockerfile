@@ -27,7 +27,6 @@ RUN apt-get update \
 WORKDIR /opt/rl-mtl
 COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY rl_mtl ./rl_mtl
-COPY configs ./configs
 COPY scripts ./scripts
 RUN pip install -q -c constraints.txt -e .
 

@@ -1,54 +1,159 @@
-"""Atomic save / load of the complete training state."""
+"""Checkpoints: one seed's complete training state, in a file whose reading can run no code.
+
+The format (version 2) is a safetensors file: every tensor (networks, optimiser moments, replay,
+generator states...) is a named tensor, and everything else (counters, the config, environment
+and generator states as plain numbers) is JSON in the file's metadata, beside a SHA-256 digest
+of all of it. Reading it parses JSON and copies tensor bytes, nothing else: no pickle. The
+digest is checked on every load, so a file changed after it was written (a flipped bit, a
+truncated copy, an edit) is refused. Writes are atomic (``run_dir.atomic_write``).
+
+Version 1 (rl-mtl before the population update) was a pickle, which this version never opens:
+``migrate`` names it and refuses it. A format change is one more step in ``migrate``.
+"""
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import zipfile
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+from .run_dir import atomic_write
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # format 1: a pickle
+FORMAT_VERSION = 2
+_MAGIC = "rl-mtl checkpoint"
 
 
 class CheckpointError(RuntimeError):
-    """A missing, truncated or corrupted checkpoint, with what to do about it."""
+    """A missing, truncated, corrupted or foreign checkpoint, with what to do about it."""
+
+
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, with its tensors (and numpy arrays) moved into ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, np.ndarray):
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
+        return {"__ndarray__": path}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"checkpoint keys must be strings (at {path or 'the top'})")
+        return {"__dict__": {k: _encode(v, f"{path}/{k}", tensors) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot checkpoint a {type(value).__name__} (at {path})")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__ndarray__" in value:
+            return tensors[value["__ndarray__"]].numpy()
+        return {k: _decode(v, tensors) for k, v in value["__dict__"].items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def _digest(tree: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(tree.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``: a
-    reader (or a run killed mid-write) only ever sees the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``state`` (a tree of dicts with string keys, lists, tensors, numpy arrays and JSON
+    numbers and strings) atomically."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.dumps(_encode(state, "", tensors))
+    metadata = {"format": _MAGIC, "format_version": str(FORMAT_VERSION), "tree": tree,
+                "digest": _digest(tree, tensors)}  # fmt: skip
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
 
 
-def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """The saved state; ``mmap=True`` maps the tensors instead of reading them (cheap when only
-    a counter such as ``step`` is wanted: a full MT10 checkpoint holds ~400 MB of replay)."""
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: the run never reached its first checkpoint; start it anew")
+def _header(path: Path) -> dict[str, str]:
+    """The file's metadata (its header only: cheap for a 400 MB checkpoint)."""
+    from safetensors import safe_open
+
     try:
-        # Our own file: it holds numpy RNG states and config dicts besides tensors.
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for malformed files
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted ({type(err).__name__}: {err}); "
-            "restore it from a backup, or delete the run directory to start over"
+            f"checkpoint {path} is truncated or corrupted ({type(err).__name__}: {err}); restore it from a "
+            "backup, or move the run directory aside and start the run again"
         ) from err
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not an rl-mtl checkpoint of format {FORMAT_VERSION}")
-    return state
+    return metadata
+
+
+def _check_present(path: Path) -> None:
+    if path.is_file():
+        return
+    legacy = path.with_name(LEGACY_CHECKPOINT_NAME)
+    if legacy.is_file():
+        migrate(legacy)
+    if path.exists():
+        raise CheckpointError(f"{path} is not a file; move it aside (it is not an rl-mtl checkpoint)")
+    raise CheckpointError(f"no checkpoint at {path}: the run never reached its first checkpoint")
+
+
+def migrate(path: Path) -> None:
+    """Bring a checkpoint of an earlier format to the current one. Format 1 (``checkpoint.pt``,
+    a pickle) is refused: opening it could run code, and the update it resumed is gone."""
+    raise CheckpointError(
+        f"{path} is a checkpoint of format 1, written by rl-mtl before the population update (0.2); this "
+        "version never opens it (a pickle, which could run code) and cannot continue it. Start the run again "
+        "in a new directory, or finish it with the rl-mtl version that wrote it"
+    )
+
+
+def _verified(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    if metadata.get("format") != _MAGIC:
+        raise CheckpointError(f"{path} is not an rl-mtl checkpoint (no rl-mtl header); check the path")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}; this rl-mtl reads format {FORMAT_VERSION}: use the rl-mtl "
+            "version that wrote it"
+        )
+    return metadata
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The saved state, after its digest is checked."""
+    from safetensors.torch import load_file
+
+    _check_present(path)
+    metadata = _verified(path, _header(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(err).__name__}: {err})") from err
+    if _digest(metadata["tree"], tensors) != metadata["digest"]:
+        raise CheckpointError(
+            f"checkpoint {path} failed its integrity check: its contents changed after it was written (a damaged "
+            "disk or copy, or an edit). Restore it from a backup, or start the run again"
+        )
+    return _decode(json.loads(metadata["tree"]), tensors)
+
+
+def read_step(path: Path) -> int:
+    """The step a checkpoint was taken at, from its header alone (no tensor is read)."""
+    _check_present(path)
+    metadata = _verified(path, _header(path))
+    return int(json.loads(metadata["tree"])["__dict__"]["step"])

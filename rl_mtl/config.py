@@ -1,4 +1,5 @@
-"""Typed run configuration: YAML presets from configs/, ``--set key=value`` overrides, validation.
+"""Typed run configuration: YAML presets (``rl_mtl/configs/``), ``--set key=value`` overrides,
+validation, and the seed lists of the command lines.
 
 Every field has a default (the modern MT10 protocol); a YAML file or ``--set`` changes fields by
 dotted name (``train.total_steps``, ``agent.hidden_sizes``, ``method_options.cagrad.c``).
@@ -8,6 +9,7 @@ problem and the valid choices.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -17,11 +19,14 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .agents.networks import ARCHITECTURES
+from .aggregators import METHODS, AggregatorError, make_aggregator
 
-METHODS = ("ls", "nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg")
-ARCHITECTURES = ("shared", "multihead", "independent")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # inside the package: a wheel has them too
 BENCHMARKS = ("MT10", "MT50", "MT1", "custom")
+# Keys that say how a run is executed, not what it computes: the seeds of one comparison may
+# differ in them, and a resumed run may change them.
+EXECUTION_KEYS = ("device", "deterministic", "train.compile")
 
 
 class ConfigError(ValueError):
@@ -182,15 +187,13 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that types alone cannot express."""
-    from .aggregators import AggregatorError, make_aggregator
-
     env, agent, train = cfg.env, cfg.agent, cfg.train
     _choice("method", cfg.method, METHODS)
     _choice("env.benchmark", env.benchmark, BENCHMARKS)
     _choice("env.reward_version", env.reward_version, ("v1", "v2"))
     _choice("env.vector_strategy", env.vector_strategy, ("sync", "async"))
     _choice("env.goal_mode", env.goal_mode, ("random", "fixed"))
-    _choice("agent.architecture", agent.architecture, ARCHITECTURES)
+    _choice("agent.architecture", agent.architecture, tuple(ARCHITECTURES))
     _choice("agent.init", agent.init, ("default", "xavier"))
     _choice("agent.temperature", agent.temperature, ("per_task", "shared"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -236,7 +239,7 @@ def validate(cfg: Config) -> Config:
     unknown = sorted(set(cfg.method_options) - set(METHODS))
     if unknown:
         raise ConfigError(f"method_options: unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
-    try:  # builds and discards the aggregator: catches bad option names and values now
+    try:  # the registry builds and discards the aggregator: bad option names and values fail now
         make_aggregator(cfg.method, **cfg.method_options.get(cfg.method, {}))
     except AggregatorError as err:
         raise ConfigError(f"method_options.{cfg.method}: {err}") from err
@@ -321,3 +324,21 @@ def diff_configs(saved: Config, requested: Config, allowed: tuple[str, ...] = ()
     """Dotted keys whose values differ (ignoring ``allowed`` ones)."""
     a, b = flatten(saved.to_dict()), flatten(requested.to_dict())
     return sorted(k for k in a if a[k] != b.get(k) and k not in allowed)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-9' or '0,3,5-7' -> the seeds, in order (the --seeds of train and sweep); argparse
+    reports the ArgumentTypeError as bad input."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            first, dash, last = part.strip().partition("-")
+            lo, hi = int(first), int(last if dash else first)
+            if hi < lo:
+                raise ValueError
+            seeds.extend(range(lo, hi + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed list {text!r}; write e.g. 0-9 or 0,3,5-7") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seed list {text!r} names a seed twice")
+    return seeds

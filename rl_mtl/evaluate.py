@@ -188,13 +188,13 @@ def build_report(summaries: list[Summary]) -> tuple[list[tuple[str, list[str], l
 # Checkpoint re-evaluation
 # ---------------------------------------------------------------------------------------------
 def evaluate_checkpoint(path: Path, episodes: int, device: str, seed: int | None) -> dict[str, Any]:
-    import torch
-
-    from .agents import MultiTaskSAC
+    """Re-run a checkpoint's deterministic policy: ``episodes`` episodes per task (one per stored
+    goal) on an evaluation env seeded with the run's seed (or ``seed``)."""
+    from .agents import SAC, Population
     from .checkpoint import load_checkpoint
     from .config import config_from_dict
-    from .envs import make_vector_env, run_evaluation, task_names
-    from .train import resolve_device
+    from .envs import make_vector_env, run_evaluations, task_names
+    from .runtime import resolve_device
 
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
@@ -204,19 +204,19 @@ def evaluate_checkpoint(path: Path, episodes: int, device: str, seed: int | None
     try:
         tasks = task_names(cfg.env)
         obs_dim, action_dim = env.single_observation_space.shape[0], env.single_action_space.shape[0]
-        agent = MultiTaskSAC(obs_dim, action_dim, len(tasks), cfg.agent, dev)
-        agent.load_state_dict(state["agent"]["modules"])
-
-        def policy(obs: np.ndarray) -> np.ndarray:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=dev)
-            return agent.act(obs_t, deterministic=True).cpu().numpy().astype(np.float64)
-
-        success, returns = run_evaluation(env, policy, episodes, cfg.env.max_episode_steps)
+        sac = SAC(obs_dim, action_dim, len(tasks), cfg.agent, cfg.method, cfg.method_options.get(cfg.method, {}))
+        population = Population(sac, [cfg.seed], dev)
+        try:
+            population.load_seed_state(0, {"agent": state["agent"], "generator": state["agent_generator"]})
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path} does not fit its own config ({err}); it was written by another version") \
+                from err  # fmt: skip
+        success, returns = run_evaluations([env], population.policy, episodes, cfg.env.max_episode_steps)
     finally:
         env.close()
     return {"checkpoint": str(path), "step": state["step"], "episodes": episodes, "seed": eval_seed,
-            "success": dict(zip(tasks, success.tolist(), strict=True)), "success_mean": float(success.mean()),
-            "return": dict(zip(tasks, returns.tolist(), strict=True))}  # fmt: skip
+            "success": dict(zip(tasks, success[0].tolist(), strict=True)), "success_mean": float(success.mean()),
+            "return": dict(zip(tasks, returns[0].tolist(), strict=True))}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,9 +32,8 @@ class TaskGradients:
     task_specific: dict[str, Tensor]  # name -> [K, ...]: each task's gradient of its own slice
     aux: Any = None  # whatever the loss function returned beside the loss, stacked over tasks
 
-    # A seed-batched pass (``over_seeds``) gives the same fields with a leading seed
-    # axis: losses [S, K], blocks [S, K, ...]; ``total`` and ``gramian`` then work per seed and
-    # ``seed(s)`` slices out one seed's TaskGradients.
+    # A seed-batched pass (``over_seeds``) gives the same fields with a leading seed axis:
+    # losses [S, K], blocks [S, K, ...]; ``total``, ``gramian`` and ``combine`` then work per seed.
 
     @property
     def num_tasks(self) -> int:
@@ -53,15 +52,6 @@ class TaskGradients:
         parts += [entry_sum(g) for g in self.shared.values()]
         parts += [entry_sum(g) for g in self.task_specific.values()]
         return torch.stack(parts).sum(0)
-
-    def seed(self, s: int) -> TaskGradients:
-        """One seed's gradients out of a seed-batched pass (views, no copies)."""
-        return TaskGradients(
-            losses=self.losses[s],
-            shared={n: g[s] for n, g in self.shared.items()},
-            task_specific={n: g[s] for n, g in self.task_specific.items()},
-            aux=None if self.aux is None else torch.utils._pytree.tree_map(lambda x: x[s], self.aux),
-        )
 
     def matrix(self) -> Tensor:
         """G as one [K, P] matrix (a copy; for tests and diagnostics)."""
@@ -157,20 +147,9 @@ def write_gradients(
     grads: TaskGradients,
     weights: Tensor,
 ) -> None:
-    """Set ``.grad``: the shared parameters get ``weights @ G``; each task-specific slice gets
-    its own task's plain (unweighted) gradient."""
-    set_gradients(shared, task_specific, grads.combine(weights), grads.task_specific)
-
-
-def set_gradients(
-    shared: Mapping[str, nn.Parameter],
-    task_specific: Mapping[str, nn.Parameter],
-    combined: Mapping[str, Tensor],
-    task_grads: Mapping[str, Tensor],
-) -> None:
-    """``write_gradients`` with the combination done: ``combined`` is ``grads.combine(weights)``
-    (the seed-batched agent computes it for all seeds at once and passes each seed's slice)."""
-    for name, g in combined.items():
+    """Set ``.grad`` for a torch optimiser: the shared parameters get ``weights @ G``; each
+    task-specific slice gets its own task's plain (unweighted) gradient."""
+    for name, g in grads.combine(weights).items():
         shared[name].grad = g
     for name, p in task_specific.items():
-        p.grad = task_grads[name].detach()  # a fresh tensor from the vmapped pass
+        p.grad = grads.task_specific[name].detach()

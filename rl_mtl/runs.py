@@ -11,12 +11,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import flatten
-from .logging import METRICS_NAME, read_metrics
-
-# Keys that may differ between the seeds of one comparison without making it a different config.
-PER_RUN_KEYS = ("seed", "device", "deterministic")
-TRAIN_SPEED_KEYS = ("compile",)  # train.* switches that change the speed, not the algorithm
+from .config import EXECUTION_KEYS, flatten
+from .metrics import METRICS_NAME, read_metrics
+from .run_dir import CONFIG_NAME
 
 
 class RunsError(RuntimeError):
@@ -58,17 +55,17 @@ class Group:
 
 
 def find_run_dirs(patterns: list[str]) -> list[Path]:
-    """Directories holding a run (a config.yaml), from paths or globs, searched recursively."""
+    """Directories holding a run (a ``CONFIG_NAME``), from paths or globs, searched recursively."""
     found: list[Path] = []
     for pattern in patterns:
         matches = [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
         for path in matches:
             if not path.exists():
                 raise RunsError(f"no such file or directory: {path}")
-            if (path / "config.yaml").is_file():
+            if (path / CONFIG_NAME).is_file():
                 found.append(path)
             elif path.is_dir():
-                found.extend(sorted(p.parent for p in path.rglob("config.yaml")))
+                found.extend(sorted(p.parent for p in path.rglob(CONFIG_NAME)))
     unique = sorted(set(found))
     if not unique:
         raise RunsError(f"no run directories (with a config.yaml) under: {' '.join(patterns)}")
@@ -76,17 +73,16 @@ def find_run_dirs(patterns: list[str]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = yaml.safe_load((path / CONFIG_NAME).read_text()) or {}
     records, bad = read_metrics(path / METRICS_NAME)
     return Run(path=path, config=config, records=records, unreadable_lines=bad)
 
 
 def _relevant(config: dict[str, Any], with_method: bool) -> dict[str, Any]:
-    """What decides a run's numbers besides its seed: everything but the per-run keys, and of
-    ``method_options`` only the entry of the method in use (the others are never read)."""
-    out = {k: v for k, v in config.items() if k not in (*PER_RUN_KEYS, "method", "method_options")}
-    if isinstance(out.get("train"), dict):
-        out["train"] = {k: v for k, v in out["train"].items() if k not in TRAIN_SPEED_KEYS}
+    """What decides a run's numbers besides its seed, flattened: everything but the seed and the
+    execution keys (``config.EXECUTION_KEYS``), and of ``method_options`` only the entry of the
+    method in use (the others are never read)."""
+    out = {k: v for k, v in flatten(config).items() if k not in ("seed", "method", "method_options", *EXECUTION_KEYS)}
     if with_method:
         method = config.get("method")
         out["method"] = method
@@ -106,7 +102,7 @@ def experiment_key(config: dict[str, Any]) -> str:
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted keys where two runs' configs differ in what decides their numbers."""
-    flat_a, flat_b = flatten(_relevant(a, True)), flatten(_relevant(b, True))
+    flat_a, flat_b = _relevant(a, True), _relevant(b, True)
     return sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
 
 

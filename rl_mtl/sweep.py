@@ -21,27 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from .config import METHODS, ConfigError, load_config
-from .logging import METRICS_NAME
-from .train import runs_root
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-9' -> 0..9; '0,3,5-7' -> 0,3,5,6,7."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                if high < low:
-                    raise ValueError
-                seeds.extend(range(low, high + 1))
-            else:
-                seeds.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad seed list '{text}': use e.g. 0-9 or 0,3,5-7") from None
-    return sorted(set(seeds))
+from .aggregators import METHODS
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, read_step
+from .config import ConfigError, load_config, parse_seeds
+from .metrics import METRICS_NAME
+from .run_dir import default_run_dir, runs_root
 
 
 @dataclass
@@ -63,11 +47,11 @@ def plan(methods: list[str], seeds: list[int], config: str, overrides: list[str]
     for method in methods:
         for seed in seeds:
             cfg = load_config(config, overrides, method=method, seed=seed)  # validates before anything runs
-            run_dir = root / Path(config).stem / method / f"seed{seed}"
+            run_dir = default_run_dir(root, config, method, seed)
             checkpoint = run_dir / CHECKPOINT_NAME
             if checkpoint.is_file():
                 try:
-                    step = load_checkpoint(checkpoint, mmap=True)["step"]
+                    step = read_step(checkpoint)
                 except CheckpointError as err:
                     raise SystemExit(f"error: {err}") from err
                 action = "skip" if step >= cfg.train.total_steps else "resume"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import random_gramian
 
-from rl_mtl.aggregators import AGGREGATORS, AggregatorError, aggregate_together, make_aggregator
+from rl_mtl.aggregators import AGGREGATORS, AggregatorError, aggregate, make_aggregator
 from rl_mtl.aggregators.base import normalize_gramian
 from rl_mtl.aggregators.cagrad import cagrad_dual_weights
 from rl_mtl.aggregators.mgda import min_norm_weights
@@ -73,14 +73,22 @@ def test_nashmtl_reuses_weights_between_solves_and_checkpoints_its_state():
     agg = make_aggregator("nashmtl", update_weights_every=3)
     m1, m2 = random_gramian(4, 1), random_gramian(4, 2)
     first = agg(m1)
-    assert not agg.needs_gramian()
-    assert torch.equal(agg(None), first) and torch.equal(agg(m2), first)
-    assert agg.needs_gramian()
+    assert torch.equal(agg(m2), first) and torch.equal(agg(m2 * float("nan")), first)  # reused: M not read
     state = agg.state_dict()
     resumed = make_aggregator("nashmtl", update_weights_every=3)
     resumed.load_state_dict(state)
-    assert torch.equal(agg(m2), resumed(m2))
-    assert not torch.allclose(agg._last, first)
+    new = agg(m2)  # the fourth call solves again
+    assert torch.equal(new, resumed(m2)) and not torch.allclose(new, first)
+    assert torch.equal(agg(m1), new)
+
+
+def test_nashmtl_keeps_the_reused_weights_when_a_solve_sees_a_non_finite_gramian():
+    agg = make_aggregator("nashmtl", update_weights_every=2)
+    first = agg(random_gramian(4, 1))
+    agg(random_gramian(4, 2))
+    assert torch.allclose(agg(random_gramian(4, 3) * float("nan")), torch.full((4,), 0.25, dtype=torch.float64))
+    assert torch.equal(agg(random_gramian(4, 4)), first), "a skipped update must not replace the reused weights"
+    assert agg.fallbacks == 1
 
 
 # --- FairGrad ------------------------------------------------------------------------------
@@ -163,14 +171,25 @@ def test_pcgrad_matches_direct_implementation(k):
     assert torch.allclose(w @ grads, _pcgrad_direct(grads, order), atol=1e-10)
 
 
-def test_pcgrad_order_comes_from_a_seeded_checkpointable_generator():
-    m = random_gramian(6, 5)
-    a, b = make_aggregator("pcgrad", seed=3), make_aggregator("pcgrad", seed=3)
-    assert torch.equal(a(m), b(m))
-    state = a.state_dict()
-    first = a(m)
-    b.load_state_dict(state)
-    assert torch.equal(b(m), first)
+def test_pcgrad_task_orders_are_the_argsort_of_the_callers_uniform_numbers():
+    m = random_gramian(6, 5, dims=3)  # conflicts: the order matters
+    agg = make_aggregator("pcgrad")
+    state = agg.init_state(6)
+    g = torch.Generator().manual_seed(0)
+    u1, u2 = (torch.rand(6, 6, dtype=torch.float64, generator=g) for _ in range(2))
+    w1, _ = agg.step(m, torch.zeros(6), state, u1)
+    a, _, _ = normalize_gramian(m)
+    assert torch.allclose(w1, pcgrad_weights(a, torch.argsort(u1, dim=1)), rtol=0, atol=1e-15)
+    assert torch.equal(agg.step(m, torch.zeros(6), state, u1)[0], w1), "the same numbers give the same orders"
+    assert not torch.allclose(agg.step(m, torch.zeros(6), state, u2)[0], w1)
+    # the library call draws them from the object's own generator, saved with its state
+    lib = make_aggregator("pcgrad")
+    lib(m)
+    saved = lib.state_dict()
+    following = lib(m)
+    restored = make_aggregator("pcgrad")
+    restored.load_state_dict(saved)
+    assert torch.equal(restored(m), following)
 
 
 # --- torchjd, where the definitions agree --------------------------------------------------
@@ -339,38 +358,36 @@ SEED_CASES = [(m, {}) for m in ALL_METHODS] + [("nashmtl", {"update_weights_ever
 @pytest.mark.parametrize("path", ["gpu path", "cpu path"])
 @pytest.mark.parametrize(("method", "options"), SEED_CASES, ids=[f"{m}{o or ''}" for m, o in SEED_CASES])
 def test_aggregating_seeds_together_equals_each_seed_alone(method, options, path):
-    """Each seed keeps its own state (fallback count, reused weights, task-order generator) and
-    gets the weights a call of its own gives, with one seed's Gramian degenerate and, in the
-    third call (a solve, also for Nash-MTL's reuse every 2), another's not finite. The GPU path
-    (one vmapped solve for all seeds) runs here under ``sync_free``."""
+    """Each seed keeps its own state (fallback count, reused weights) and random numbers, and gets
+    the weights a call of its own gives, with one seed's Gramian degenerate and, in the third call
+    (a solve, also for Nash-MTL's reuse every 2), another's not finite. The GPU path (one vmapped
+    solve for all seeds) runs here under ``sync_free``."""
     seeds, k = 3, 5
-
-    def make(s):
-        return make_aggregator(method, **({**options, "seed": s} if method == "pcgrad" else options))
-
-    alone, together = [make(s) for s in range(seeds)], [make(s) for s in range(seeds)]
+    agg = make_aggregator(method, **options)
+    alone = [agg.init_state(k) for _ in range(seeds)]
+    together = {name: torch.stack([value] * seeds) for name, value in agg.init_state(k).items()}
+    g = torch.Generator().manual_seed(1)
     for call in range(4):
         grams = torch.stack([random_gramian(k, 10 * call + s, spread=10.0) for s in range(seeds)])
         grams[0] = DEGENERATE["zero task gradient"].double()[[0, 1, 2, 2, 2]][:, [0, 1, 2, 2, 2]]
         if call == 2:
             grams[2, 0, 0] = float("nan")
-        losses = torch.rand(seeds, k, dtype=grams.dtype)
-        needs = [a.needs_gramian() for a in alone]
-        expected = torch.stack([a(grams[s] if needs[s] else None, losses[s]) for s, a in enumerate(alone)])
+        losses = torch.rand(seeds, k, dtype=grams.dtype, generator=g)
+        uniform = torch.rand(seeds, k, k, dtype=torch.float64, generator=g)
+        gram_in = grams if agg.uses_gramian else None
+        expected = []
+        for s in range(seeds):
+            weights, alone[s] = agg.step(None if gram_in is None else grams[s], losses[s], alone[s], uniform[s])
+            expected.append(weights)
         with sync_free() if path == "gpu path" else contextlib.nullcontext():
-            got = aggregate_together(together, grams, losses)
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12, msg=f"call {call}")
-    for a, t in zip(alone, together, strict=True):
-        assert t.fallbacks == a.fallbacks
-        state_a, state_t = a.state_dict(), t.state_dict()
-        assert state_t.keys() == state_a.keys()
-        for key, value in state_a.items():
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(state_t[key], value, rtol=1e-6, atol=1e-12)
-            else:
-                assert state_t[key] == value, key
-    assert together[0].fallbacks >= (method in ("nashmtl", "fairgrad")), "the degenerate seed's fallbacks"
-    assert together[2].fallbacks >= (method != "ls") and together[1].fallbacks == 0  # ls never looks at M
+            got, together = aggregate(agg, gram_in, losses, together, uniform)
+        torch.testing.assert_close(got, torch.stack(expected), rtol=1e-6, atol=1e-12, msg=f"call {call}")
+    for s in range(seeds):
+        for name, value in alone[s].items():
+            torch.testing.assert_close(together[name][s], value, rtol=1e-6, atol=1e-12, msg=name)
+    fallbacks = together["fallbacks"].tolist()
+    assert fallbacks[0] >= (method in ("nashmtl", "fairgrad")), "the degenerate seed's fallbacks"
+    assert fallbacks[2] >= (method != "ls") and fallbacks[1] == 0  # ls never looks at M
 
 
 @pytest.mark.parametrize(
@@ -379,11 +396,12 @@ def test_aggregating_seeds_together_equals_each_seed_alone(method, options, path
     ids=["gpu path: one batched solve", "cpu path: one per seed", "host solver: one per seed"],
 )
 def test_seeds_share_one_batched_solve_on_the_gpu_path(monkeypatch, options, gpu_path, solves):
-    aggs = [make_aggregator("nashmtl", **options) for _ in range(3)]
+    agg = make_aggregator("nashmtl", **options)
     calls = []
-    original = type(aggs[0]).solve
-    monkeypatch.setattr(type(aggs[0]), "solve", lambda self, *args: calls.append(1) or original(self, *args))
+    original = type(agg).solve
+    monkeypatch.setattr(type(agg), "solve", lambda self, *args: calls.append(1) or original(self, *args))
     grams = torch.stack([random_gramian(4, s) for s in range(3)])
+    state = {name: torch.stack([value] * 3) for name, value in agg.init_state(4).items()}
     with sync_free() if gpu_path else contextlib.nullcontext():
-        aggregate_together(aggs, grams, torch.ones(3, 4, dtype=grams.dtype))
+        aggregate(agg, grams, torch.ones(3, 4, dtype=grams.dtype), state, torch.rand(3, 4, 4, dtype=torch.float64))
     assert len(calls) == solves

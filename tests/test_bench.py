@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rl_mtl.bench import main
+from rl_mtl.bench.__main__ import main
 
 
 def test_aggregator_benchmark_quick_mode_writes_json(tmp_path, capsys):

@@ -8,68 +8,54 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from rl_mtl.agents import MultiTaskSAC
-from rl_mtl.agents.seed_stack import SeedStackedSAC
-from rl_mtl.aggregators import make_aggregator
+from rl_mtl.agents import SAC, Population
 from rl_mtl.buffers import Batch
 from rl_mtl.config import ConfigError, load_config
-from rl_mtl.logging import read_metrics
-from rl_mtl.train import main, resolve_compile
+from rl_mtl.metrics import read_metrics
+from rl_mtl.runtime import resolve_compile
+from rl_mtl.train import main
 
 K, B, OBS, ACT = 4, 16, 7, 3
 
 
-def _agents(seeds, device, compile):
-    cfg = load_config("smoke").agent
-    agents = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        agents.append(MultiTaskSAC(OBS, ACT, K, cfg, device, seed=seed, compile=compile))
-    return agents
+def _population(seeds, device, compile):
+    return Population(SAC(OBS, ACT, K, load_config("smoke").agent, "nashmtl", compile=compile), seeds, device)
 
 
-def _batch(lead, device, generator):
+def _batch(seeds, device, generator):
     def rand(*shape):
-        return torch.randn(*lead, *shape, generator=generator).to(device)
+        return torch.randn(seeds, *shape, generator=generator).to(device)
 
-    terminated = (torch.rand(*lead, K, B, generator=generator) < 0.1).float().to(device)
+    terminated = (torch.rand(seeds, K, B, generator=generator) < 0.1).float().to(device)
     return Batch(rand(K, B, OBS), rand(K, B, ACT).clamp(-1, 1), rand(K, B), rand(K, B, OBS), terminated)
 
 
-def _assert_same_update(eager, compiled, device, seed_batched):
-    """Two updates of identically initialised agents, eager and compiled: same metrics and
+def _assert_same_update(seeds, device):
+    """Two updates of identically initialised populations, eager and compiled: same metrics and
     parameters to float precision (the compiled kernels may sum in another order)."""
-    seeds = range(len(eager))
+    eager, compiled = _population(seeds, device, False), _population(seeds, device, True)
     g = torch.Generator().manual_seed(7)
-    batches = [_batch((len(eager),), device, g) for _ in range(2)]
-    eager_aggs = [(make_aggregator("nashmtl"), make_aggregator("nashmtl")) for _ in seeds]
-    compiled_aggs = [(make_aggregator("nashmtl"), make_aggregator("nashmtl")) for _ in seeds]
-    stack = SeedStackedSAC(compiled) if seed_batched else None
-    for batch in batches:
-        for s in seeds:
-            one = Batch(*(getattr(batch, f)[s] for f in ("obs", "action", "reward", "next_obs", "terminated")))
-            expected = eager[s].update(one, *eager_aggs[s], True)
-            got = None if seed_batched else compiled[s].update(one, *compiled_aggs[s], True)
-            if got is not None:
-                assert bool(got["applied"])
-                for name, value in expected.items():
-                    torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
-        if seed_batched:
-            got = stack.update(batch, [a[0] for a in compiled_aggs], [a[1] for a in compiled_aggs], True)
-            assert all(bool(m["applied"]) for m in got)
-    for s in seeds:
-        for name, value in eager[s].state_dict().items():
-            scale = value.abs().max().clamp(min=1e-12)
-            assert (compiled[s].state_dict()[name] - value).abs().max() / scale <= 1e-5, f"seed {s}: {name}"
+    for _ in range(2):
+        batch = _batch(len(seeds), device, g)
+        expected, got = eager.update(batch, True), compiled.update(batch, True)
+        assert bool(got["applied"].all())
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
+    flat_eager = torch.utils._pytree.tree_flatten_with_path(eager.state)[0]
+    flat_compiled = dict(torch.utils._pytree.tree_flatten_with_path(compiled.state)[0])
+    for path, value in flat_eager:
+        mine = flat_compiled[path]
+        if value.is_floating_point():
+            assert (mine - value).abs().max() / value.abs().max().clamp(min=1e-12) <= 1e-5, path
+        else:
+            assert torch.equal(mine, value), path
 
 
-@pytest.mark.parametrize("seed_batched", [False, True], ids=["one seed", "seeds stacked"])
-def test_the_compiled_update_is_the_eager_update(seed_batched):
+@pytest.mark.parametrize("seeds", [[0], [0, 1]], ids=["one seed", "two seeds"])
+def test_the_compiled_update_is_the_eager_update(seeds):
     torch._dynamo.reset()  # compile afresh, so that the counters below see it happen
     counters.clear()
-    seeds = [0, 1] if seed_batched else [0]
-    device = torch.device("cpu")
-    _assert_same_update(_agents(seeds, device, False), _agents(seeds, device, True), device, seed_batched)
+    _assert_same_update(seeds, torch.device("cpu"))
     # the three passes (TD target, critic, actor gradients) ran as compiled graphs, without breaks
     assert counters["stats"]["unique_graphs"] >= 3
     assert not counters["graph_break"]
@@ -77,8 +63,7 @@ def test_the_compiled_update_is_the_eager_update(seed_batched):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_compiled_update_is_the_eager_update_on_cuda():
-    device = torch.device("cuda")
-    _assert_same_update(_agents([0], device, False), _agents([0], device, True), device, seed_batched=False)
+    _assert_same_update([0, 1], torch.device("cuda"))
 
 
 def test_auto_compiles_on_the_cpu_when_a_compiler_is_installed(monkeypatch):

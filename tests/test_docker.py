@@ -37,7 +37,7 @@ def test_image_installs_exactly_like_the_readme_main_command():
 
 
 def test_image_copies_what_the_package_needs_and_its_command_exists():
-    for needed in ("pyproject.toml", "constraints.txt", "rl_mtl", "configs"):
+    for needed in ("pyproject.toml", "constraints.txt", "rl_mtl"):
         assert re.search(rf"^COPY .*\b{re.escape(needed)}\b", DOCKERFILE, re.M), f"Dockerfile does not copy {needed}"
     for copied in re.findall(r"^COPY (\S+) \./\S+$", DOCKERFILE, re.M):
         assert (ROOT / copied).exists(), f"Dockerfile copies {copied}, which is not in the repository"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rl_mtl.config import EnvConfig
-from rl_mtl.envs import EnvError, VectorEnvRunner, make_vector_env, run_evaluation, task_names
+from rl_mtl.envs import EnvError, VectorEnvRunner, make_vector_env, run_evaluations, task_names
 
 MT3 = ["reach-v3", "drawer-close-v3", "window-close-v3"]
 
@@ -102,8 +102,9 @@ class _FakeVectorEnv:
 
 
 def test_success_means_success_at_any_step():
-    success, returns = run_evaluation(_FakeVectorEnv(), lambda obs: np.zeros((2, 4)), episodes=3, max_steps=4)
-    assert success.tolist() == [1.0, 0.0] and returns.tolist() == [4.0, 4.0]
+    envs = [_FakeVectorEnv(), _FakeVectorEnv()]  # two seeds' eval envs, stepped in lockstep
+    success, returns = run_evaluations(envs, lambda obs: np.zeros((*obs.shape[:2], 4)), episodes=3, max_steps=4)
+    assert success.tolist() == [[1.0, 0.0]] * 2 and returns.tolist() == [[4.0, 4.0]] * 2
 
 
 def test_unknown_task_names_are_listed():

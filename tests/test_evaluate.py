@@ -164,14 +164,15 @@ def test_sweep_evaluate_and_plot_on_real_smoke_runs(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_reevaluation_reproduces_the_runs_own_final_evaluation(tmp_path, capsys):
+    from rl_mtl.checkpoint import CHECKPOINT_NAME
     from rl_mtl.config import load_config
-    from rl_mtl.logging import read_metrics
+    from rl_mtl.metrics import read_metrics
     from rl_mtl.train import run
 
     overrides = ["train.total_steps=100", "train.warmup_steps=50", "train.eval_every=0", "train.eval_episodes=2"]
-    assert run(load_config("smoke", overrides, method="ls"), tmp_path / "run", progress=False) == 0
+    assert run([(load_config("smoke", overrides, method="ls"), tmp_path / "run", None)], progress=False) == 0
     (final_eval,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if r["kind"] == "eval"]
-    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = tmp_path / "run" / CHECKPOINT_NAME
     assert (
         evaluate_main(["--checkpoint", str(checkpoint), "--episodes", "2", "--format", "json", "--device", "cpu"]) == 0
     )
@@ -181,7 +182,7 @@ def test_checkpoint_reevaluation_reproduces_the_runs_own_final_evaluation(tmp_pa
     for task, success in result["success"].items():
         assert success == final_eval[f"eval/success/{task}"]
         assert result["return"][task] == pytest.approx(final_eval[f"eval/return/{task}"])
-    assert evaluate_main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert evaluate_main(["--checkpoint", str(tmp_path / "nope.safetensors")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import NoHostReads, random_gramian
 
-from rl_mtl.agents import MultiTaskSAC
-from rl_mtl.agents.seed_stack import SeedStackedSAC
+from rl_mtl.agents import SAC, Population
 from rl_mtl.aggregators import AGGREGATORS, make_aggregator
 from rl_mtl.aggregators.solvers import may_read_back, sync_free
 from rl_mtl.buffers import Batch
@@ -17,51 +16,37 @@ K, B, OBS, ACT = 4, 16, 7, 3
 CASES = [(method, "shared") for method in sorted(AGGREGATORS)] + [("nashmtl", "multihead"), ("ls", "independent")]
 
 
-def _agents(seeds, architecture, device):
-    cfg = load_config("smoke", [f"agent.architecture={architecture}"]).agent
-    agents = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        agents.append(MultiTaskSAC(OBS, ACT, K, cfg, device, seed=seed))
-    return agents
+def _population(method, architecture, seeds, device):
+    agent = load_config("smoke", [f"agent.architecture={architecture}"]).agent
+    return Population(SAC(OBS, ACT, K, agent, method), seeds, device)
 
 
-def _batch(lead, device, nan_reward=False):
+def _batch(seeds, device, nan_reward=False):
     g = torch.Generator().manual_seed(3)
 
     def rand(*shape):
-        return torch.randn(*lead, *shape, generator=g)
+        return torch.randn(seeds, *shape, generator=g)
 
     reward = rand(K, B)
     if nan_reward:
-        reward[..., 0, :] = float("nan")  # the first task's (every seed's first task's) rewards
-    terminated = (torch.rand(*lead, K, B, generator=g) < 0.1).float()
+        reward[:, 0] = float("nan")  # every seed's first task's rewards
+    terminated = (torch.rand(seeds, K, B, generator=g) < 0.1).float()
     fields = (rand(K, B, OBS), rand(K, B, ACT).clamp(-1, 1), reward, rand(K, B, OBS), terminated)
     return Batch(*(t.to(device) for t in fields))
 
 
-def _aggregators(method, n):
-    return (
-        [make_aggregator(method), make_aggregator(method)]
-        if n is None
-        else [[make_aggregator(method) for _ in range(n)] for _ in range(2)]
-    )
-
-
 @pytest.mark.parametrize(("method", "architecture"), CASES)
-def test_an_update_on_the_gpu_path_reads_nothing_back(method, architecture):
+@pytest.mark.parametrize("seeds", [[0], [0, 1]], ids=["one seed", "two seeds"])
+def test_an_update_on_the_gpu_path_reads_nothing_back(method, architecture, seeds):
     cpu = torch.device("cpu")
-    (agent,) = _agents([0], architecture, cpu)
-    stack = SeedStackedSAC(_agents([0, 1], architecture, cpu))
-    aggs, stack_aggs = _aggregators(method, None), _aggregators(method, 2)
+    population = _population(method, architecture, seeds, cpu)
     with sync_free(), NoHostReads():
         assert not may_read_back(torch.zeros(1))
         for nan_reward in (False, True, False):  # applied, skipped on the device, applied again
-            single = agent.update(_batch((), cpu, nan_reward), *aggs, need_diagnostics=True)
-            stacked = stack.update(_batch((2,), cpu, nan_reward), *stack_aggs, need_diagnostics=True)
+            metrics = population.update(_batch(len(seeds), cpu, nan_reward), diagnostics=True)
     # (outside the guard) the skip really happened on the device, and only there
-    assert agent.nonfinite_total == 1 and [a.nonfinite_total for a in stack.agents] == [1, 1]
-    assert bool(single["applied"]) and all(bool(m["applied"]) for m in stacked)
+    assert [c[0] for c in population.skip_counts()] == [1] * len(seeds)
+    assert bool(metrics["applied"].all())
 
 
 @pytest.mark.parametrize("method", sorted(AGGREGATORS))
@@ -70,9 +55,7 @@ def test_solving_without_read_backs_gives_the_converged_weights(method):
     (the CPU's early stop): both must reach the same weights, without fallbacks."""
     for k in (2, 5, 10, 20, 50):
         m = random_gramian(k, 200 + k, spread=10.0)
-        early, full = make_aggregator(method), make_aggregator(method)
-        if method == "pcgrad":  # same task orders on both paths
-            full.generator.set_state(early.generator.get_state())
+        early, full = make_aggregator(method), make_aggregator(method)  # same seeded random numbers
         expected = early(m)
         with sync_free():
             got = full(m)
@@ -86,18 +69,14 @@ def test_solving_without_read_backs_gives_the_converged_weights(method):
 @pytest.mark.parametrize(("method", "architecture"), [c for c in CASES if c[0] != "imtlg"])
 def test_an_update_on_cuda_does_not_synchronise(method, architecture):
     cuda = torch.device("cuda")
-    (agent,) = _agents([0], architecture, cuda)
-    stack = SeedStackedSAC(_agents([0, 1], architecture, cuda))
-    aggs, stack_aggs = _aggregators(method, None), _aggregators(method, 2)
-    batches = [(_batch((), cuda, nan), _batch((2,), cuda, nan)) for nan in (False, True)]
-    agent.update(batches[0][0], *aggs)  # the first step allocates the optimisers' state
-    stack.update(batches[0][1], *stack_aggs)
+    population = _population(method, architecture, [0, 1], cuda)
+    batches = [_batch(2, cuda, nan) for nan in (False, True)]
+    population.update(batches[0])  # first-call work (allocations) outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for single, stacked in batches:
-            agent.update(single, *aggs, need_diagnostics=True)
-            stack.update(stacked, *stack_aggs, need_diagnostics=True)
+        for batch in batches:
+            population.update(batch, diagnostics=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert agent.nonfinite_total == 1 and [a.nonfinite_total for a in stack.agents] == [1, 1]
+    assert [c[0] for c in population.skip_counts()] == [1, 1]

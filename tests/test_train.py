@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_mtl.checkpoint import load_checkpoint
-from rl_mtl.config import METHODS, load_config
-from rl_mtl.logging import read_metrics
-from rl_mtl.train import EXIT_INTERRUPTED, Trainer, main, run
+from rl_mtl.aggregators import METHODS
+from rl_mtl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from rl_mtl.config import load_config
+from rl_mtl.metrics import read_metrics
+from rl_mtl.train import EXIT_INTERRUPTED, main, run, train_loop
+from rl_mtl.training import Training
 
 SMOKE = ["--config", "smoke", "--no-progress"]
 TASK = "reach-v3"
@@ -56,9 +58,10 @@ def test_smoke_training_of_every_method_leaves_a_complete_run_directory(tmp_path
     tags = _tensorboard_tags(run_dir)
     for key in REQUIRED_TRAIN + REQUIRED_EPISODE + REQUIRED_EVAL:
         assert key in tags and all(math.isfinite(v) for v in tags[key]), f"TensorBoard lacks {key}"
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    assert state["step"] == 400 and state["config"]["method"] == method
-    assert {"agent", "buffer", "critic_aggregator", "actor_aggregator", "rng", "env", "eval_env"} <= set(state)
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    assert state["step"] == 400 and state["config"]["method"] == method and state["method"] == method
+    assert {"agent", "agent_generator", "replay", "rng", "env", "eval_env", "warmup_rng"} <= set(state)
+    assert {"critic", "actor"} == set(state["agent"]["aggregators"])
     assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "run.json").read_text())["seed"] == 0
 
 
@@ -74,13 +77,13 @@ def test_smoke_training_of_every_method_leaves_a_complete_run_directory(tmp_path
 )
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, method, overrides, kill_at, checkpoint):
     cfg = load_config("smoke", overrides, method=method)
-    assert run(cfg, tmp_path / "straight", progress=False) == 0
+    assert run([(cfg, tmp_path / "straight", None)], progress=False) == 0
     # "kill -9": the last checkpoint is earlier, and metrics were logged after it
-    assert run(cfg, tmp_path / "killed", progress=False, stop_at_step=kill_at) == EXIT_INTERRUPTED
+    assert run([(cfg, tmp_path / "killed", None)], progress=False, stop_at_step=kill_at) == EXIT_INTERRUPTED
     assert max(r["step"] for r in _comparable(tmp_path / "killed")) > checkpoint
-    state = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    state = load_checkpoint(tmp_path / "killed" / CHECKPOINT_NAME)
     assert state["step"] == checkpoint
-    assert run(cfg, tmp_path / "killed", state, progress=False) == 0
+    assert run([(cfg, tmp_path / "killed", state)], progress=False) == 0
     assert _comparable(tmp_path / "straight") == _comparable(tmp_path / "killed")
     assert (
         _tensorboard_tags(tmp_path / "killed")["eval/success_mean"]
@@ -102,10 +105,10 @@ def test_sigterm_saves_at_the_episode_boundary_and_resume_completes(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "checkpoint saved" in err
-    step = load_checkpoint(run_dir / "checkpoint.pt")["step"]
+    step = load_checkpoint(run_dir / CHECKPOINT_NAME)["step"]
     assert step % 50 == 0 and 0 < step < 5000
     assert main(["--resume", str(run_dir), "--no-progress", "--set", "train.total_steps=600"]) == 0
-    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 600
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 600
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path, capsys):
@@ -125,7 +128,7 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     assert "cannot resume" in (err := capsys.readouterr().err) and "agent.tau: saved 0.005, requested 0.1" in err
     assert main(["--resume", str(run_dir), "--no-progress"]) == 2
     assert "never reached its first checkpoint" in capsys.readouterr().err
-    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    (run_dir / CHECKPOINT_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
     assert main(["--resume", str(run_dir), "--no-progress"]) == 2
     assert "truncated or corrupted" in capsys.readouterr().err
 
@@ -164,25 +167,22 @@ def test_non_finite_losses_skip_updates_then_stop_without_poisoning(tmp_path, mo
     # 50-step episodes: checkpoints due at steps 100 (end of the warm-up) and 150; logs at 200
     overrides = ["train.max_nonfinite_updates=5", "train.checkpoint_every=50", "train.log_every=100"]
     cfg = load_config("smoke", overrides, method="nashmtl")
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    before = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
+    training = Training([(cfg, tmp_path, None)])
+    before = [value.clone() for value in torch.utils._pytree.tree_leaves(training.population.state["actor"])]
     from rl_mtl.agents import NonFiniteLossError
-    from rl_mtl.logging import RunLogger
 
-    logger = RunLogger(tmp_path)
     # the streak is read on the host when the run saves or logs: here the checkpoint due at 150
     with pytest.raises(
         NonFiniteLossError, match=r"50 consecutive updates had non-finite .*\(limit train\.max_nonfinite_updates=5"
     ):
-        trainer.train(logger)
-    logger.close()
-    trainer.close()
-    assert trainer.step == 150
-    for name, value in trainer.agent.state_dict().items():
-        assert torch.equal(value, before[name]), f"{name} changed although every update was skipped"
-    assert trainer.agent.nonfinite_total == 50
+        train_loop(training, progress=False)
+    training.close()
+    assert training.step == 150
+    after = torch.utils._pytree.tree_leaves(training.population.state["actor"])
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), "the networks changed"
+    assert training.population.skip_counts() == [(50, 50, 50)]
     # the warm-up's checkpoint stays; none was written once the limit was passed
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 100
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 100
 
 
 def test_truncated_metrics_line_is_tolerated(tmp_path):
@@ -197,7 +197,7 @@ def test_truncated_metrics_line_is_tolerated(tmp_path):
 def test_other_architectures_train(tmp_path, architecture):
     overrides = [f"agent.architecture={architecture}", "train.total_steps=200", "agent.temperature=shared"]
     cfg = load_config("smoke", overrides, method="cagrad")
-    assert run(cfg, tmp_path, progress=False) == 0
+    assert run([(cfg, tmp_path, None)], progress=False) == 0
     records, _ = read_metrics(tmp_path / "metrics.jsonl")
     assert any(r["kind"] == "eval" for r in records)
 
@@ -206,7 +206,8 @@ def test_other_architectures_train(tmp_path, architecture):
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
     overrides = ["train.total_steps=200", "train.eval_every=100"]
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        assert run(load_config("smoke", overrides, method="cagrad", seed=seed), tmp_path / name, progress=False) == 0
+        assert run([(load_config("smoke", overrides, method="cagrad", seed=seed), tmp_path / name, None)],
+                   progress=False) == 0  # fmt: skip
     a, b, c = (_comparable(tmp_path / name) for name in "abc")
     assert a == b, "same seed, same config, same device must give the same numbers"
     assert a != c
@@ -215,54 +216,29 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
 
 def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_gramian(monkeypatch):
     """ls computes no Gramian; an update whose losses are finite but whose gradient overflowed
-    must still be refused, leaving the networks untouched."""
-    from rl_mtl.agents import MultiTaskSAC
-    from rl_mtl.aggregators import make_aggregator
+    must still be refused, leaving that seed's networks untouched (and the other seed's not)."""
+    from rl_mtl.agents import SAC, Population
     from rl_mtl.buffers import Batch
 
-    agent = MultiTaskSAC(5, 2, 3, load_config("smoke").agent, torch.device("cpu"))
-    aggs = (make_aggregator("ls"), make_aggregator("ls"))
-    batch = Batch(torch.randn(3, 4, 5), torch.zeros(3, 4, 2), torch.ones(3, 4), torch.randn(3, 4, 5), torch.zeros(3, 4))
-    assert bool(agent.update(batch, *aggs)["applied"]) and agent.nonfinite_total == 0
+    sac = SAC(5, 2, 3, load_config("smoke").agent, "ls")
+    population = Population(sac, [0, 1], torch.device("cpu"))
+    batch = Batch(torch.randn(2, 3, 4, 5), torch.zeros(2, 3, 4, 2), torch.ones(2, 3, 4), torch.randn(2, 3, 4, 5),
+                  torch.zeros(2, 3, 4))  # fmt: skip
+    assert population.update(batch)["applied"].all()
 
-    exact = agent.critic_pass  # the per-task critic gradients, as the update calls them
+    exact = sac.critic_pass  # the per-task critic gradients, as the update calls them
 
     def overflowing(*args):
-        losses, shared, task, aux = exact(*args)
+        losses, shared, task, *aux = exact(*args)
         name = next(iter(shared))
-        shared[name] = torch.full_like(shared[name], float("inf"))
-        return losses, shared, task, aux
+        shared[name] = shared[name].clone()
+        shared[name][1] = float("inf")  # seed 1's gradient overflowed
+        return losses, shared, task, *aux
 
-    monkeypatch.setattr(agent, "critic_pass", overflowing)
-    before = {k: v.clone() for k, v in agent.state_dict().items()}
-    assert not bool(agent.update(batch, *aggs)["applied"])
-    assert agent.nonfinite_total == 1
-    assert all(torch.equal(v, before[k]) for k, v in agent.state_dict().items())
-
-
-def test_a_checkpoint_from_before_the_device_side_skip_resumes():
-    """Older checkpoints hold non-fused Adam states and host counters of skipped updates; the
-    agent loads them as fused optimisers (the device-side skip needs that) and device counters."""
-    from rl_mtl.agents import MultiTaskSAC
-    from rl_mtl.aggregators import make_aggregator
-    from rl_mtl.buffers import Batch
-
-    cfg = load_config("smoke").agent
-    torch.manual_seed(0)
-    old = MultiTaskSAC(5, 2, 3, cfg, torch.device("cpu"))
-    batch = Batch(torch.randn(3, 4, 5), torch.zeros(3, 4, 2), torch.ones(3, 4), torch.randn(3, 4, 5), torch.zeros(3, 4))
-    old.update(batch, make_aggregator("ls"), make_aggregator("ls"))
-    state = old.training_state()
-    for name in ("critic_optimizer", "actor_optimizer", "temperature_optimizer"):
-        for group in state[name]["param_groups"]:
-            group["fused"] = None  # what a CPU checkpoint of the earlier code says
-    del state["skip_counts"]
-    state.update(nonfinite_streak=2, nonfinite_total=7)
-
-    agent = MultiTaskSAC(5, 2, 3, cfg, torch.device("cpu"))
-    agent.load_training_state(state)
-    assert all(g["fused"] for g in agent.critic_optimizer.param_groups)
-    assert agent.nonfinite_total == 7 and agent.longest_nonfinite_streak == 2
-    assert bool(agent.update(batch, make_aggregator("ls"), make_aggregator("ls"))["applied"])
-    steps = [float(s["step"]) for s in agent.critic_optimizer.state.values()]
-    assert steps == [2.0] * len(steps)  # resumed from the saved count
+    monkeypatch.setattr(sac, "critic_pass", overflowing)
+    before = [t.clone() for t in torch.utils._pytree.tree_leaves(population.state["critic"])]
+    assert population.update(batch)["applied"].tolist() == [True, False]
+    assert [c[0] for c in population.skip_counts()] == [0, 1]
+    after = torch.utils._pytree.tree_leaves(population.state["critic"])
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(after, before, strict=True)), "the skipped seed changed"
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(after, before, strict=True))

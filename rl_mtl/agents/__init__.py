@@ -1,6 +1,7 @@
-"""Multi-task SAC: networks (shared, multi-head, independent) and the per-task-loss update."""
+"""Multi-task SAC: networks (the architecture registry), the population update, its optimiser."""
 
-from .networks import Actor, MultiTaskMLP, TwinCritic
-from .sac import MultiTaskSAC, NonFiniteLossError
+from .networks import ARCHITECTURES, Network
+from .population import Population, to_host
+from .sac import SAC, NonFiniteLossError
 
-__all__ = ["Actor", "MultiTaskMLP", "MultiTaskSAC", "NonFiniteLossError", "TwinCritic"]
+__all__ = ["ARCHITECTURES", "SAC", "Network", "NonFiniteLossError", "Population", "to_host"]

@@ -1,6 +1,8 @@
 """Gradient aggregators: ``weights = aggregator(gramian, losses)``; the update is ``weights @ G``.
 
-Use ``make_aggregator(name, **options)``; ``AGGREGATORS`` maps names to classes.
+The registry ``AGGREGATORS`` (name -> class) is the one list of methods: the config's
+validation, the command lines' choices, the benchmarks and the tests read it. Adding a method
+is one module with an ``Aggregator`` subclass plus one entry below.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import Aggregator, AggregatorError, aggregate_together
+from .base import Aggregator, AggregatorError, State, aggregate
 from .cagrad import CAGrad
 from .fairgrad import FairGrad
 from .imtlg import IMTLG
@@ -20,16 +22,17 @@ from .pcgrad import PCGrad
 AGGREGATORS: dict[str, type[Aggregator]] = {
     cls.name: cls for cls in (LinearScalarization, NashMTL, FairGrad, PCGrad, CAGrad, MGDA, IMTLG)
 }
+METHODS: tuple[str, ...] = tuple(AGGREGATORS)
 
 
 def valid_options(name: str) -> list[str]:
     """The option names ``make_aggregator(name, ...)`` accepts."""
     params = inspect.signature(AGGREGATORS[name].__init__).parameters
-    return [p for p in params if p != "self"]
+    return [p for p in params if p not in ("self", "args", "kwargs")]
 
 
 def make_aggregator(name: str, **options: Any) -> Aggregator:
-    """Build an aggregator by name, with clear errors for unknown names and options."""
+    """Build an aggregator by name, with clear errors for unknown names and bad options."""
     if name not in AGGREGATORS:
         raise AggregatorError(f"unknown aggregation method {name!r}; choose one of: {', '.join(sorted(AGGREGATORS))}")
     allowed = valid_options(name)
@@ -40,4 +43,7 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
     return AGGREGATORS[name](**options)
 
 
-__all__ = ["AGGREGATORS", "Aggregator", "AggregatorError", "aggregate_together", "make_aggregator", "valid_options"]
+__all__ = [
+    "AGGREGATORS", "METHODS", "Aggregator", "AggregatorError", "State", "aggregate", "make_aggregator",
+    "valid_options",
+]  # fmt: skip

@@ -1,21 +1,30 @@
 """The aggregator interface: a K x K Gramian of task gradients (+ losses) -> K weights.
 
+An aggregator object holds its options only. Its state (the fallback count; Nash-MTL's reused
+weights and call counter) is an explicit dict of tensors that ``step`` takes and returns, and
+its only randomness is ``uniform``, K x K numbers uniform on [0, 1) drawn by the caller from its
+own seeded generator (PCGrad turns them into task orders; the other methods ignore them). So a
+call is a pure function: ``aggregate`` runs S seeds' aggregators as one ``vmap`` and a training
+update compiles whole, and the trainer never needs to know which method it runs.
+
 Every method works in float64 on the Gramian's device, whatever the input dtype, because the
 Gramians of RL gradients span many orders of magnitude (1e-15 .. 1e15 in practice) and K is small.
-Nothing here calls ``.item()``: degenerate cases are handled with ``torch.where`` and counted in a
-device-side counter that the trainer reads only when it logs.
+Nothing here reads a value back to the host on the sync-free path (``solvers.may_read_back``):
+degenerate cases are handled with ``torch.where`` and counted in the state's ``fallbacks``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.func import vmap
+from torch.utils._pytree import tree_map
 
-from .solvers import may_read_back, sync_free
+from .solvers import may_read_back
+
+State = dict[str, Tensor]
 
 
 class AggregatorError(ValueError):
@@ -52,122 +61,122 @@ def normalize_gramian(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class Aggregator:
-    """Base class. Subclasses implement ``_weights(gramian64, losses, **draws) -> (weights64,
+    """Base class. Subclasses implement ``_weights(gramian64, losses, uniform) -> (weights64,
     fallback)``, a pure function of its inputs and the constructor's options.
 
     ``fallback`` is a 0-dim bool tensor: True when the method could not apply its definition as
     stated and used its documented fallback (see each method's docstring). Non-finite input or
     output always falls back to the mean (1/K each) and is counted too.
 
-    A call is three steps, so that ``aggregate_together`` can run the middle one for several
-    seeds' aggregators at once: ``draw`` (this call's random inputs, from the aggregator's own
-    generator), ``solve`` (pure: no state, no host reads on the sync-free path, ``vmap``-able)
-    and ``record`` (the aggregator's state: fallback count, reused weights).
+    ``step(gramian, losses, state, uniform)`` is the call the trainer makes (pure, one agent;
+    ``aggregate`` runs it for a population of seeds). Calling the object, ``agg(gramian)``, is the
+    same with the state and the uniform numbers kept inside the object: the library's form.
     """
 
     name: ClassVar[str] = ""
+    uses_gramian: ClassVar[bool] = True  # False: the weights never depend on M (linear scalarisation)
 
-    def __init__(self) -> None:
-        self._fallbacks: Tensor | None = None  # int64 counter living on the Gramian's device
+    # -- the pure interface -----------------------------------------------------------------
+    def init_state(self, k: int, device: torch.device | str = "cpu") -> State:
+        """One agent's state before its first call."""
+        return {"fallbacks": torch.zeros((), dtype=torch.int64, device=device)}
 
-    # -- public API --------------------------------------------------------------------------
-    def __call__(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        k = check_gramian(gramian, losses)
-        weights, fallback = self.solve(gramian, losses, self.draw(k))
-        return self.record(gramian, weights, fallback)
+    def step(self, gramian: Tensor | None, losses: Tensor, state: State, uniform: Tensor) -> tuple[Tensor, State]:
+        """One call: the weights [K] (in the Gramian's dtype, or the losses' without one) and the
+        new state. ``gramian`` may be None only when the method does not use it (``uses_gramian``)."""
+        weights, fallback = self.solve(gramian, losses, uniform)
+        return weights, {**state, "fallbacks": state["fallbacks"] + fallback.to(torch.int64)}
 
-    def draw(self, k: int) -> dict[str, Tensor]:
-        """The random inputs of one call for K tasks (none by default; PCGrad's task orders)."""
-        return {}
-
-    def solve(self, gramian: Tensor, losses: Tensor | None, draws: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(weights, fallback) for one [K, K] Gramian, in the Gramian's dtype."""
-        k = gramian.shape[-1]
+    def solve(self, gramian: Tensor | None, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights, fallback) for one [K, K] Gramian, guarded: non-finite input or output gives
+        the mean and counts as a fallback."""
+        k = losses.shape[-1]
+        dtype = losses.dtype if gramian is None else gramian.dtype
+        mean = torch.full((k,), 1.0 / k, dtype=dtype, device=losses.device)
+        if gramian is None:
+            return mean, torch.zeros((), dtype=torch.bool, device=losses.device)
         m = gramian.detach().to(torch.float64)
         finite = torch.isfinite(m).all()
         eye = torch.eye(k, dtype=torch.float64, device=m.device)
-        m = torch.where(finite, m, eye)
-        weights, fallback = self._weights(m, None if losses is None else losses.detach(), **draws)
+        weights, fallback = self._weights(torch.where(finite, m, eye), losses.detach(), uniform)
         ok = finite & torch.isfinite(weights).all()
-        mean = torch.full_like(weights, 1.0 / k)
-        weights = torch.where(ok, weights, mean)
-        return weights.to(dtype=gramian.dtype), fallback | ~ok
-
-    def record(self, gramian: Tensor, weights: Tensor, fallback: Tensor) -> Tensor:
-        """Update the state after a solve of ``gramian``; returns the weights to use."""
-        self._count(fallback)
-        return weights
-
-    def batchable(self) -> bool:
-        """Whether ``solve`` runs on the device without host reads (False for the host-side
-        reference solvers), so that ``aggregate_together`` may vmap it."""
-        return True
-
-    def needs_gramian(self) -> bool:
-        """Whether the next call needs the Gramian (False: pass None and skip computing it)."""
-        return True
+        return torch.where(ok, weights.to(dtype), mean), fallback | ~ok
 
     @property
-    def fallbacks(self) -> int:
-        """How many calls used a fallback so far (reading it synchronises with the device)."""
-        return 0 if self._fallbacks is None else int(self._fallbacks.item())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fallbacks": self.fallbacks}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._fallbacks = torch.tensor(int(state.get("fallbacks", 0)), dtype=torch.int64)
-
-    # -- for subclasses ----------------------------------------------------------------------
-    def _weights(self, gramian: Tensor, losses: Tensor | None, **draws: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def _count(self, fallback: Tensor) -> None:
-        inc = fallback.to(torch.int64)
-        if self._fallbacks is None:
-            self._fallbacks = inc.clone()
-        else:
-            self._fallbacks = self._fallbacks.to(inc.device) + inc
-
-    @staticmethod
-    def no_fallback(like: Tensor) -> Tensor:
-        return torch.zeros((), dtype=torch.bool, device=like.device)
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-        return f"{type(self).__name__}({opts})"
+    def on_device(self) -> bool:
+        """Whether ``step`` runs on the device without host reads (False for the host-side
+        reference solvers): then ``aggregate`` may vmap it and a training update may compile it."""
+        return True
 
     def options(self) -> dict[str, Any]:
         """The constructor options this instance was built with (for logs and configs)."""
         return {}
 
+    # -- for subclasses ----------------------------------------------------------------------
+    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
 
-def aggregate_together(aggregators: Sequence[Aggregator], gramians: Tensor | None, losses: Tensor) -> Tensor:
-    """Several seeds' aggregators, each on its own seed's Gramian: gramians [S, K, K] (None on
-    calls that need none), losses [S, K] -> weights [S, K].
+    @staticmethod
+    def no_fallback(like: Tensor) -> Tensor:
+        return torch.zeros((), dtype=torch.bool, device=like.device)
 
-    The aggregators are one method with one set of options (the seeds of one config), each with
-    its own state: fallback count, Nash-MTL's reused weights, PCGrad's generator. Where solvers
-    run their whole budget anyway (the GPU, ``sync_free()``) the solves of all seeds run as ONE
-    ``vmap``, so S seeds cost the kernel launches of one solve (0.11-0.14x those of S calls for
-    10 seeds). On the CPU each solve stops once converged, and one call per seed is faster for
-    the few seeds a CPU trains together (2 seeds: 1.5 vs 5.5 ms for Nash-MTL; README:
-    Benchmarks). Either way the weights are those of S separate calls, to float rounding.
+    # -- the library's stateful call -------------------------------------------------------------
+    def __call__(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """``step`` with the state kept in this object and the uniform numbers drawn from its own
+        CPU generator (seeded 0; ``state_dict`` holds both). A call with another number of tasks
+        than the last starts the state afresh, keeping the fallback count."""
+        k = check_gramian(gramian, losses)
+        if losses is None:
+            losses = torch.zeros(k, dtype=gramian.dtype, device=gramian.device)
+        if getattr(self, "_state", None) is None:
+            self._generator = torch.Generator().manual_seed(0)
+            self._state, self._k = self.init_state(k, gramian.device), k
+        elif self._k != k:
+            self._state, self._k = {**self.init_state(k, gramian.device), "fallbacks": self._state["fallbacks"]}, k
+        uniform = torch.rand(k, k, dtype=torch.float64, generator=self._generator).to(gramian.device)
+        weights, self._state = self.step(gramian, losses, self._state, uniform)
+        return weights
+
+    @property
+    def fallbacks(self) -> int:
+        """How many calls used a fallback so far (reading it synchronises with the device)."""
+        state = getattr(self, "_state", None)
+        return 0 if state is None else int(state["fallbacks"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self._state, "k": self._k, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state, self._k = dict(state["state"]), state["k"]
+        self._generator = torch.Generator()
+        self._generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def aggregate(
+    aggregator: Aggregator, gramians: Tensor | None, losses: Tensor, state: State, uniform: Tensor
+) -> tuple[Tensor, State]:
+    """S agents' calls of one aggregator, each on its own Gramian with its own state: gramians
+    [S, K, K] (None when the method does not use them), losses [S, K], every state entry and
+    uniform [S, K, K] with a leading seed axis -> (weights [S, K], new state).
+
+    Where solvers run their whole budget anyway (the GPU, ``sync_free()``, a compiled update)
+    all S solves are ONE ``vmap``, so S seeds cost the kernel launches of one solve. On the CPU a
+    solve stops once converged, and one call per seed is faster for the few seeds a CPU trains
+    together (2 seeds, Nash-MTL: 1.5 vs 5.5 ms; README: Benchmarks). Host-side solvers always
+    run one call per seed. Either way the result is that of S separate calls, to rounding.
     """
-    lead = aggregators[0]
-    together = (
-        gramians is not None
-        and not may_read_back(gramians)
-        and all(a.needs_gramian() and a.batchable() for a in aggregators)
-    )
-    if not together:  # the CPU, reused weights, linear scalarisation, or a solver on the host
-        return torch.stack([
-            a(gramians[s] if gramians is not None and a.needs_gramian() else None, losses[s])
-            for s, a in enumerate(aggregators)
-        ])  # fmt: skip
-    k = check_gramian(gramians[0], losses[0])
-    per_seed = [a.draw(k) for a in aggregators]
-    draws = {name: torch.stack([d[name] for d in per_seed]) for name in per_seed[0]}
-    with sync_free():
-        weights, fallback = vmap(lead.solve)(gramians, losses, draws)
-    return torch.stack([a.record(gramians[s], weights[s], fallback[s]) for s, a in enumerate(aggregators)])
+    if aggregator.on_device and not may_read_back(losses):
+        return vmap(aggregator.step, in_dims=(None if gramians is None else 0, 0, 0, 0))(
+            gramians, losses, state, uniform
+        )
+    calls = [
+        aggregator.step(None if gramians is None else gramians[s], losses[s], tree_map(lambda t, s=s: t[s], state),
+                        uniform[s])
+        for s in range(losses.shape[0])
+    ]  # fmt: skip
+    weights = torch.stack([w for w, _ in calls])
+    return weights, {name: torch.stack([new[name] for _, new in calls]) for name in state}

@@ -47,7 +47,6 @@ class CAGrad(Aggregator):
     name = "cagrad"
 
     def __init__(self, c: float = 0.4, rescale: int = 1) -> None:
-        super().__init__()
         if not isinstance(c, (int, float)) or not c >= 0:
             raise AggregatorError(f"cagrad: c must be a number >= 0, got {c!r}")
         if rescale not in RESCALES:
@@ -58,7 +57,7 @@ class CAGrad(Aggregator):
     def options(self) -> dict[str, Any]:
         return {"c": self.c, "rescale": self.rescale}
 
-    def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         k = gramian.shape[0]
         a, _, _ = normalize_gramian(gramian)  # the weights are scale invariant
         mean = torch.full((k,), 1.0 / k, dtype=a.dtype, device=a.device)

@@ -28,7 +28,6 @@ class FairGrad(Aggregator):
     name = "fairgrad"
 
     def __init__(self, alpha: float = 2.0, solver: str = "newton") -> None:
-        super().__init__()
         if not isinstance(alpha, (int, float)) or not alpha > 0:
             raise AggregatorError(f"fairgrad: alpha must be a number > 0, got {alpha!r}")
         if solver not in SOLVERS:
@@ -39,10 +38,11 @@ class FairGrad(Aggregator):
     def options(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "solver": self.solver}
 
-    def batchable(self) -> bool:
+    @property
+    def on_device(self) -> bool:
         return self.solver == "newton"
 
-    def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         a, scale, degenerate = normalize_gramian(gramian)
         if self.solver == "newton":
             w = fair_weights(a, alpha=self.alpha)

@@ -22,7 +22,7 @@ class IMTLG(Aggregator):
 
     name = "imtlg"
 
-    def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         a, _, _ = normalize_gramian(gramian)
         eigvals, eigvecs = torch.linalg.eigh(a)
         keep = eigvals > RANK_TOL * eigvals.max()

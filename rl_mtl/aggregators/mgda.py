@@ -30,6 +30,6 @@ class MGDA(Aggregator):
 
     name = "mgda"
 
-    def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         a, _, _ = normalize_gramian(gramian)
         return min_norm_weights(a), self.no_fallback(gramian)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Aggregator, AggregatorError, normalize_gramian
+from .base import Aggregator, AggregatorError, State, normalize_gramian
 from .solvers import fair_residual, fair_weights
 
 SOLVERS = ("newton", "cvxpy")
@@ -20,8 +20,9 @@ class NashMTL(Aggregator):
     """The Nash bargaining weights: the unique alpha > 0 with M alpha = p / alpha.
 
     Options:
-      update_weights_every: solve every N calls and reuse the last weights in between (the
-        paper's 1 / 50 / 100). The trainer asks ``needs_gramian()`` to skip the Gramian.
+      update_weights_every: use new weights every N calls and the last ones in between (the
+        paper's 1 / 50 / 100). The choice is a select on the device (the state's call counter),
+        so the solve itself runs on every call: what a compiled update replays.
       solver: "newton" (native damped Newton on the device, default) or "cvxpy" (the published
         sequence of convex problems, run with an installed conic solver, on the host).
       max_norm: scale the weights so that |sum_i w_i g_i| <= max_norm (the published code
@@ -33,6 +34,9 @@ class NashMTL(Aggregator):
     gradient, two opposite tasks) the solve uses a tiny ridge, M + 1e-10 diag(M); the
     weights stay finite and the call is counted. A solve whose M is not finite returns the
     mean (counted) and keeps the previous weights for the calls that reuse them.
+
+    State: ``fallbacks``; ``calls`` (how many calls so far); ``last`` (the weights the calls
+    between two solves reuse, float64).
     """
 
     name = "nashmtl"
@@ -45,7 +49,6 @@ class NashMTL(Aggregator):
         powers: list[float] | None = None,
         optim_niter: int = 20,
     ) -> None:
-        super().__init__()
         if not isinstance(update_weights_every, int) or update_weights_every < 1:
             raise AggregatorError(
                 f"nashmtl: update_weights_every must be an integer >= 1, got {update_weights_every!r}"
@@ -67,8 +70,6 @@ class NashMTL(Aggregator):
         self.max_norm = float(max_norm)
         self.powers = None if powers is None else [float(q) for q in powers]
         self.optim_niter = optim_niter
-        self.step = 0
-        self._last: Tensor | None = None
 
     def options(self) -> dict[str, Any]:
         return {
@@ -79,33 +80,34 @@ class NashMTL(Aggregator):
             "optim_niter": self.optim_niter,
         }
 
-    def needs_gramian(self) -> bool:
-        """False on the calls that reuse the previous weights (no Gramian needed)."""
-        return self._last is None or self.step % self.update_weights_every == 0
+    def init_state(self, k: int, device: torch.device | str = "cpu") -> State:
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return {
+            **super().init_state(k, device),
+            "calls": zero,
+            "last": torch.zeros(k, dtype=torch.float64, device=device),
+        }
 
-    def __call__(self, gramian: Tensor | None, losses: Tensor | None = None) -> Tensor:
-        if not self.needs_gramian():
-            self.step += 1
-            assert self._last is not None
-            if losses is not None:  # after a checkpoint load the cached weights are on the CPU
-                self._last = self._last.to(losses.device)
-            return self._last
-        assert gramian is not None, "nashmtl: a Gramian is needed on this step (see needs_gramian())"
-        return super().__call__(gramian, losses)
+    def step(self, gramian: Tensor | None, losses: Tensor, state: State, uniform: Tensor) -> tuple[Tensor, State]:
+        assert gramian is not None, "nashmtl needs the Gramian"
+        weights, fallback = self.solve(gramian, losses, uniform)
+        calls = state["calls"]
+        solves = calls % self.update_weights_every == 0
+        # A non-finite Gramian (a skipped update) must not set the weights reused until the next
+        # solve, unless there are none yet.
+        keep = solves & (torch.isfinite(gramian).all() | (calls == 0))
+        last = torch.where(keep, weights.to(torch.float64), state["last"])
+        return torch.where(solves, weights, state["last"].to(weights.dtype)), {
+            "fallbacks": state["fallbacks"] + (fallback & solves).to(torch.int64),
+            "calls": calls + 1,
+            "last": last,
+        }
 
-    def record(self, gramian: Tensor, weights: Tensor, fallback: Tensor) -> Tensor:
-        weights = super().record(gramian, weights, fallback)
-        self.step += 1
-        if self._last is None or self._last.shape != weights.shape:
-            self._last = weights
-        else:  # a non-finite Gramian (a skipped update) must not set the weights reused until the next solve
-            self._last = torch.where(torch.isfinite(gramian).all(), weights, self._last.to(weights.device))
-        return weights
-
-    def batchable(self) -> bool:
+    @property
+    def on_device(self) -> bool:
         return self.solver == "newton"
 
-    def _weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         k = gramian.shape[0]
         if self.powers is not None and len(self.powers) != k:
             raise AggregatorError(f"nashmtl: {len(self.powers)} bargaining powers given for {k} tasks")
@@ -123,13 +125,3 @@ class NashMTL(Aggregator):
             norm = torch.sqrt(torch.clamp(alpha @ gramian @ alpha, min=0.0))
             alpha = alpha * torch.clamp(self.max_norm / norm, max=1.0)
         return alpha, fallback
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(step=self.step, last=None if self._last is None else self._last.detach().cpu())
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.step = int(state["step"])
-        self._last = state["last"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -34,37 +32,14 @@ def pcgrad_weights(a: Tensor, order: Tensor) -> Tensor:
 
 
 class PCGrad(Aggregator):
-    """PCGrad with mean reduction. Each call draws K random task orders (one per task) from
-    ``generator``, a CPU ``torch.Generator`` the caller seeds; its state is part of
-    ``state_dict()`` so a resumed run draws the same orders. A task with a zero gradient is
-    never projected onto (no fallback needed).
+    """PCGrad with mean reduction. Each call's K task orders (row i: the order in which task i
+    visits the others) are the argsort of the rows of ``uniform``, the caller's seeded random
+    numbers, so the orders are as reproducible and checkpointed as the caller's generator. A task
+    with a zero gradient is never projected onto (no fallback needed).
     """
 
     name = "pcgrad"
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.seed = int(seed)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.seed)
-
-    def options(self) -> dict[str, Any]:
-        return {"seed": self.seed}
-
-    def draw(self, k: int) -> dict[str, Tensor]:
-        """K task orders [K, K] (row i: the order task i visits the others), on the CPU."""
-        return {"order": torch.argsort(torch.rand(k, k, generator=self.generator), dim=1)}
-
-    def _weights(self, gramian: Tensor, losses: Tensor | None, order: Tensor) -> tuple[Tensor, Tensor]:
-        order = order.to(gramian.device, non_blocking=True)
+    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         a, _, _ = normalize_gramian(gramian)  # the weights are scale invariant
-        return pcgrad_weights(a, order), self.no_fallback(gramian)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generator"] = self.generator.get_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.generator.set_state(state["generator"])
+        return pcgrad_weights(a, torch.argsort(uniform, dim=1)), self.no_fallback(gramian)

@@ -35,8 +35,9 @@ def sync_free() -> Iterator[None]:
 
 def may_read_back(like: Tensor) -> bool:
     """Whether a solver may test convergence on the host: only on the CPU, where the test costs
-    nothing; on the GPU it would stall the stream in the middle of every update."""
-    return like.device.type == "cpu" and _sync_free_depth == 0
+    nothing, and not while a compiled graph is traced (it would break the graph); on the GPU it
+    would stall the stream in the middle of every update."""
+    return like.device.type == "cpu" and _sync_free_depth == 0 and not torch.compiler.is_compiling()
 
 
 # Step sizes tried by the line search: 1, 1/2, ..., 2^-39.

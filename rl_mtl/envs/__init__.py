@@ -2,20 +2,24 @@
 
 from .metaworld_envs import (
     EnvError,
+    PopulationEnvs,
     RewardNormalizer,
     VectorEnvRunner,
+    env_checkpoint,
+    load_env_checkpoint,
     make_vector_env,
-    run_evaluation,
     run_evaluations,
     task_names,
 )
 
 __all__ = [
     "EnvError",
+    "PopulationEnvs",
     "RewardNormalizer",
     "VectorEnvRunner",
+    "env_checkpoint",
+    "load_env_checkpoint",
     "make_vector_env",
-    "run_evaluation",
     "run_evaluations",
     "task_names",
 ]

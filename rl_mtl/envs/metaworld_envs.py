@@ -11,6 +11,8 @@ run seed, and the first reset passes it too, so one seed gives one sequence of g
 
 from __future__ import annotations
 
+import base64
+import pickle
 import warnings
 from functools import partial
 from typing import Any
@@ -97,25 +99,66 @@ def make_vector_env(cfg: EnvConfig, seed: int, evaluation: bool = False) -> Any:
     return env
 
 
+def env_checkpoint(env: Any) -> list[dict[str, Any]]:
+    """A vector env's Meta-World checkpoint (every sub-env's goal list, current goal and RNG
+    states) as plain data. Meta-World stores each goal as a pickle, and unpickles what its
+    ``load_checkpoint`` is given: a checkpoint file must never hold one, since reading the file
+    would then run whatever it says. So the goals are kept as their numbers (``rand_vec``) and
+    options, and the pickles are rebuilt from those on load (``load_env_checkpoint``)."""
+    saved = []
+    for env_id, checkpoint in env.call("get_checkpoint"):
+        tasks = []
+        for task in checkpoint["tasks"]:
+            data = pickle.loads(base64.b64decode(task["data"]))  # made by Meta-World in this process
+            data.pop("env_cls")
+            tasks.append({"env_name": task["env_name"], **data})
+        saved.append({**checkpoint, "env_id": env_id, "tasks": tasks})
+    return saved
+
+
+def load_env_checkpoint(env: Any, saved: list[dict[str, Any]]) -> None:
+    """Restore an ``env_checkpoint``: the goals' pickles are built here from the saved numbers,
+    each with the environment class its task name maps to."""
+    _, _, env_dict = _metaworld()
+    checkpoints = []
+    for checkpoint in saved:
+        tasks = []
+        for task in checkpoint["tasks"]:
+            name = task["env_name"]
+            if name not in env_dict.ALL_V3_ENVIRONMENTS:
+                raise EnvError(f"the saved environment state names an unknown Meta-World task {name!r}")
+            data = {k: (np.asarray(v, dtype=np.float64) if k == "rand_vec" else v) for k, v in task.items()
+                    if k != "env_name"}  # fmt: skip
+            data["env_cls"] = env_dict.ALL_V3_ENVIRONMENTS[name]
+            tasks.append({"env_name": name, "data": base64.b64encode(pickle.dumps(data)).decode("ascii")})
+        fields = {k: v for k, v in checkpoint.items() if k != "env_id"}
+        checkpoints.append((checkpoint["env_id"], {**fields, "tasks": tasks}))
+    try:
+        env.call("load_checkpoint", checkpoints)
+    except (AssertionError, KeyError, TypeError, ValueError) as err:
+        raise EnvError(f"the saved environment state does not fit this run's environments ({err})") from err
+
+
 class RewardNormalizer:
     """Divides each task's reward by a running standard deviation (EMA, no mean subtraction from
-    the reward itself), as the paper harness did. Its state is checkpointed."""
+    the reward itself), as the paper harness did; one per seed and task ([S, K]). Its state is
+    checkpointed per seed."""
 
-    def __init__(self, num_tasks: int, rate: float) -> None:
+    def __init__(self, num_seeds: int, num_tasks: int, rate: float) -> None:
         self.rate = rate
-        self.mean = np.zeros(num_tasks)
-        self.var = np.ones(num_tasks)
+        self.mean = np.zeros((num_seeds, num_tasks))
+        self.var = np.ones((num_seeds, num_tasks))
 
     def __call__(self, reward: np.ndarray) -> np.ndarray:
         self.mean = (1 - self.rate) * self.mean + self.rate * reward
         self.var = (1 - self.rate) * self.var + self.rate * np.square(reward - self.mean)
         return reward / (np.sqrt(self.var) + 1e-8)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.copy(), "var": self.var.copy()}
+    def seed_state(self, s: int) -> dict[str, Any]:
+        return {"mean": self.mean[s].copy(), "var": self.var[s].copy()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mean, self.var = np.asarray(state["mean"]), np.asarray(state["var"])
+    def load_seed_state(self, s: int, state: dict[str, Any]) -> None:
+        self.mean[s], self.var[s] = np.asarray(state["mean"]), np.asarray(state["var"])
 
 
 class VectorEnvRunner:
@@ -181,45 +224,72 @@ class VectorEnvRunner:
 
     def reset_finished(self, done: np.ndarray) -> None:
         """Reset the finished sub-envs (drawing their next goals); the others keep going."""
+        if not done.any():
+            return
         obs, _ = self.env.reset(options={"reset_mask": done})
         self.obs = np.where(done[:, None], obs, self.obs)
         self.episode_return[done] = 0
         self.episode_success[done] = 0
         self.episode_length[done] = 0
 
-    def checkpoint(self) -> list[Any]:
-        return list(self.env.call("get_checkpoint"))
 
-    def load_checkpoint(self, state: list[Any]) -> None:
-        self.env.call("load_checkpoint", state)
+class PopulationEnvs:
+    """The training envs of a population: one vector env per seed (one sub-env per task, seeded
+    as that seed alone), stepped together. Every seed's env is sent its actions before any is
+    waited on, so async envs step in parallel (and while the update runs)."""
 
+    def __init__(self, envs: list[Any], num_tasks: int) -> None:
+        self.runners = [VectorEnvRunner(env, num_tasks) for env in envs]
 
-def run_evaluation(env: Any, policy: Any, episodes: int, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``episodes`` episodes on every task with ``policy`` (obs [K, obs_dim] -> actions [K, A]).
+    @property
+    def obs(self) -> np.ndarray:
+        """[S, K, obs_dim]: every seed's current observations."""
+        return np.stack([runner.obs for runner in self.runners])
 
-    Returns per-task success rate and mean return, arrays [K]. An episode succeeds if the success
-    flag was 1 at any step (PROTOCOL.md). Every reset of an evaluation env moves to the next goal.
-    """
-    success, returns = run_evaluations([env], lambda obs: policy(obs[0])[None], episodes, max_steps)
-    return success[0], returns[0]
+    @property
+    def can_overlap(self) -> bool:
+        return self.runners[0].can_overlap
+
+    def reset_all(self) -> np.ndarray:
+        return np.stack([runner.reset_all() for runner in self.runners])
+
+    def step_async(self, action: np.ndarray) -> None:
+        """Start every seed's step: action [S, K, A]."""
+        for runner, seed_action in zip(self.runners, action, strict=True):
+            runner.step_async(seed_action)
+
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(next_obs [S, K, obs_dim], reward [S, K], terminated [S, K], truncated [S, K])."""
+        steps = [runner.step_wait() for runner in self.runners]
+        return tuple(np.stack(field) for field in zip(*steps, strict=True))  # type: ignore[return-value]
+
+    def reset_finished(self, done: np.ndarray) -> np.ndarray:
+        """Reset every seed's finished sub-envs (done [S, K]); returns the observations [S, K, obs_dim]."""
+        for runner, seed_done in zip(self.runners, done, strict=True):
+            runner.reset_finished(seed_done)
+        return self.obs
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.env.close()
 
 
 def run_evaluations(envs: list[Any], policy: Any, episodes: int, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``run_evaluation`` for several vector envs in lockstep (one per seed trained together):
-    ``policy`` maps obs [S, K, obs_dim] to actions [S, K, A]; every env is sent its actions before
-    any is waited on, so async envs step in parallel. Returns success and return arrays [S, K]."""
-    runners = [VectorEnvRunner(env, env.num_envs) for env in envs]
-    successes = np.zeros((len(envs), runners[0].num_tasks))
+    """Run ``episodes`` episodes on every task of every env (one per seed) in lockstep, with
+    ``policy`` mapping obs [S, K, obs_dim] to actions [S, K, A]; every env is sent its actions
+    before any is waited on, so async envs step in parallel. Returns each seed's per-task success
+    rate and mean return, arrays [S, K]. An episode succeeds if the success flag was 1 at any
+    step (PROTOCOL.md); every reset of an evaluation env moves to the next goal."""
+    runners = PopulationEnvs(envs, envs[0].num_envs)
+    successes = np.zeros((len(envs), envs[0].num_envs))
     returns = np.zeros_like(successes)
     for _ in range(episodes):
-        obs = np.stack([runner.reset_all() for runner in runners])
+        obs = runners.reset_all()
         for _ in range(max_steps):
-            for runner, action in zip(runners, policy(obs), strict=True):
-                runner.step_async(action)
-            steps = [runner.step_wait() for runner in runners]
-            obs = np.stack([next_obs for next_obs, _, _, _ in steps])
-            if all(np.all(terminated | truncated) for _, _, terminated, truncated in steps):
+            runners.step_async(policy(obs))
+            obs, _, terminated, truncated = runners.step_wait()
+            if np.all(terminated | truncated):
                 break
-        successes += np.stack([runner.episode_success for runner in runners])
-        returns += np.stack([runner.episode_return for runner in runners])
+        successes += np.stack([runner.episode_success for runner in runners.runners])
+        returns += np.stack([runner.episode_return for runner in runners.runners])
     return successes / episodes, returns / episodes

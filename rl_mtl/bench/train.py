@@ -4,7 +4,7 @@ Measures in ONE run, side by side: env-only throughput (random actions, the same
 the update time of each method and the kernels it dispatches, and full training throughput
 (act + step + store + update) per method, then the ratios method update / ls update, kernels /
 ls kernels and training / env-only throughput. With ``--seeds N`` every number is for N seeds
-trained together (``SeedBatch``, one vector env per seed): a step is then one vector step of
+trained together (a population, one vector env per seed): a step is then one vector step of
 every seed.
 """
 
@@ -14,7 +14,6 @@ import argparse
 import itertools
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .aggregators.solvers import sync_free
-from .bench import count_kernels
-from .config import ConfigError, load_config
-from .envs import VectorEnvRunner, make_vector_env, task_names
-from .seed_batch import SeedBatch
-from .train import Trainer
+from ..aggregators.solvers import sync_free
+from ..config import ConfigError, load_config
+from ..envs import VectorEnvRunner, make_vector_env, task_names
+from ..training import Training
+from .timing import count_kernels, sync
 
 DEFAULT_METHODS = ["ls", "nashmtl", "fairgrad", "pcgrad", "cagrad"]
 PROTOCOL_STEPS, PROTOCOL_SEEDS = 2_000_000, 10
@@ -50,11 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="smoke config and a tiny budget (CI)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def env_only_throughput(envs: list[Any], num_tasks: int, steps: int, rounds: int, seed: int) -> float:
@@ -80,26 +73,27 @@ def env_only_throughput(envs: list[Any], num_tasks: int, steps: int, rounds: int
     return statistics.median(rates)
 
 
-def kernels_per_update(driver: Trainer | SeedBatch) -> int:
+def kernels_per_update(training: Training) -> int:
     """ATen kernels one update dispatches on the GPU path (no host reads; compiled passes run
     eagerly for the count): on a GPU, where small kernels cost their launch, a measure of the
     update's cost that this machine can take whatever its device. One extra update."""
     with torch.compiler.set_stance("force_eager"), sync_free():
-        return count_kernels(lambda: driver.learn(diagnostics=False))
+        return count_kernels(lambda: training.learn(diagnostics=False))
 
 
-def advance(driver: Trainer | SeedBatch, trainers: list[Trainer], learn: bool = False) -> None:
-    """One collection step of every seed (with an update, overlapped with the env step when the
-    trainer overlaps); finished episodes are reset, as the training loop does."""
-    outcomes = driver.advance(learn, False)
-    for trainer, (terminated, truncated) in zip(trainers, outcomes, strict=True):
-        done = terminated | truncated
-        if done.any():
-            trainer.runner.reset_finished(done)
-        trainer.obs = trainer.runner.obs
+def train_steps(training: Training, steps: int) -> None:
+    """``steps`` steps of training: act (randomly during the warm-up), step the envs, store,
+    update (``Training.collect_and_learn``, as the training loop does), reset finished episodes."""
+    obs = training.to_device(training.envs.obs)
+    for _ in range(steps):
+        learning = training.step >= training.cfg.train.warmup_steps
+        action = training.population.act(obs) if learning else training.random_actions()
+        next_obs, done = training.collect_and_learn(obs, action, learning, diagnostics=False)
+        training.step += 1
+        obs = training.to_device(training.envs.reset_finished(done)) if done.any() else next_obs
 
 
-def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     config = "smoke" if args.quick else args.config
     steps = 10 if args.quick else args.steps
     rounds = 2 if args.quick else args.rounds
@@ -116,61 +110,50 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     tasks = task_names(base.env)
     envs = [make_vector_env(base.env, seed) for seed in seeds]  # one per seed, shared by the methods
     variants = [False, True] if args.compare_compile else [None]  # train.compile; None: as configured
-    drivers: dict[str, tuple[Trainer | SeedBatch, list[Trainer]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for method, compiled in itertools.product(args.methods, variants):
-            label = method + ("+compile" if compiled else "")
-            switch = [] if compiled is None else [f"train.compile={str(compiled).lower()}"]
-            trainers = [
-                Trainer(
-                    load_config(config, [*overrides, *switch], device=args.device, method=method, seed=seed),
-                    Path(tmp),
-                    progress=False,
-                    env=env,
-                    eval_env=env,
-                )
-                for seed, env in zip(seeds, envs, strict=True)
-            ]
-            drivers[label] = (trainers[0] if len(trainers) == 1 else SeedBatch(trainers), trainers)
-        lead = next(iter(drivers.values()))[1][0]
-        device, overlap = lead.device, lead.overlap
-        compile_note = "both" if args.compare_compile else lead.compiled
-        print(f"device: {device}  config: {config}  tasks: {len(tasks)}  seeds together: {len(seeds)}  "
-              f"vector strategy: {base.env.vector_strategy}  overlap: {overlap}  compile: {compile_note}  "
-              f"networks: {base.agent.hidden_sizes}  batch: {base.train.batch_size_per_task}/task  "
-              f"torch threads: {torch.get_num_threads()}")  # fmt: skip
-        env_sps = env_only_throughput(envs, len(tasks), steps, rounds, base.seed)
+    trainings: dict[str, Training] = {}
+    for method, compiled in itertools.product(args.methods, variants):
+        label = method + ("+compile" if compiled else "")
+        switch = [] if compiled is None else [f"train.compile={str(compiled).lower()}"]
+        runs = [(load_config(config, [*overrides, *switch], device=args.device, method=method, seed=seed),
+                 Path("unused"), None) for seed in seeds]  # fmt: skip
+        trainings[label] = Training(runs, envs=envs, eval_envs=envs, log=False)
+    lead = next(iter(trainings.values()))
+    device = lead.device
+    compile_note = "both" if args.compare_compile else lead.compiled
+    print(f"device: {device}  config: {config}  tasks: {len(tasks)}  seeds together: {len(seeds)}  "
+          f"vector strategy: {base.env.vector_strategy}  overlap: {lead.overlap}  compile: {compile_note}  "
+          f"networks: {base.agent.hidden_sizes}  batch: {base.train.batch_size_per_task}/task  "
+          f"torch threads: {torch.get_num_threads()}")  # fmt: skip
+    env_sps = env_only_throughput(envs, len(tasks), steps, rounds, base.seed)
 
-        kernels = {}
-        for label, (driver, trainers) in drivers.items():  # random-action warm-up fills each replay buffer
-            while trainers[0].step < warmup:
-                advance(driver, trainers)
-            driver.learn(diagnostics=False)  # first-call overheads out of the timings
-            kernels[label] = kernels_per_update(driver)
-        update_ms: dict[str, list[float]] = {m: [] for m in drivers}
-        train_sps: dict[str, list[float]] = {m: [] for m in drivers}
-        for _ in range(rounds):  # interleaved: a noisy neighbour slows every method alike
-            for method, (driver, _) in drivers.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    driver.learn(diagnostics=False)
-                _sync(device)
-                update_ms[method].append((time.perf_counter() - start) / steps * 1e3)
-            for method, (driver, trainers) in drivers.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    advance(driver, trainers, learn=True)
-                _sync(device)
-                train_sps[method].append(steps / (time.perf_counter() - start))
+    kernels = {}
+    for label, training in trainings.items():  # random-action warm-up fills each replay buffer
+        train_steps(training, warmup)
+        training.learn(diagnostics=False)  # first-call overheads (and compiling) out of the timings
+        kernels[label] = kernels_per_update(training)
+    update_ms: dict[str, list[float]] = {m: [] for m in trainings}
+    train_sps: dict[str, list[float]] = {m: [] for m in trainings}
+    for _ in range(rounds):  # interleaved: a noisy neighbour slows every method alike
+        for label, training in trainings.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                training.learn(diagnostics=False)
+            sync(device)
+            update_ms[label].append((time.perf_counter() - start) / steps * 1e3)
+        for label, training in trainings.items():
+            sync(device)
+            start = time.perf_counter()
+            train_steps(training, steps)
+            sync(device)
+            train_sps[label].append(steps / (time.perf_counter() - start))
     for env in envs:
         env.close()
 
     batches = math.ceil(PROTOCOL_SEEDS / len(seeds))  # seed batches run one after another
     rows = []
-    for label, (_, trainers) in drivers.items():
-        method, compiled = trainers[0].cfg.method, trainers[0].compiled
+    for label, training in trainings.items():
+        method, compiled = training.cfg.method, training.compiled
         upd, sps = statistics.median(update_ms[label]), statistics.median(train_sps[label])
         ls_label = "ls+compile" if args.compare_compile and compiled else "ls"  # ls of the same variant
         ls_update = statistics.median(update_ms[ls_label]) if ls_label in update_ms else None

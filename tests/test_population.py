@@ -1,33 +1,27 @@
-"""Several seeds trained together (``--seeds``): the same algorithm per seed as a run alone."""
+"""A population of seeds (``--seeds``): every seed gets the update, goals and checkpoints it gets
+alone."""
 
 import argparse
 import contextlib
 
-import numpy as np
 import pytest
 import torch
 
-from rl_mtl.agents import MultiTaskSAC, NonFiniteLossError
-from rl_mtl.agents.seed_stack import SeedStackedSAC
-from rl_mtl.aggregators import make_aggregator
+from rl_mtl.agents import SAC, NonFiniteLossError, Population
 from rl_mtl.aggregators.solvers import sync_free
-from rl_mtl.buffers import Batch, MultiTaskReplayBuffer, StackedReplay
-from rl_mtl.checkpoint import load_checkpoint
-from rl_mtl.config import ConfigError, load_config
-from rl_mtl.logging import read_metrics
-from rl_mtl.train import EXIT_INTERRUPTED, Trainer, check_trainable_together, main, parse_seeds, run, run_together
+from rl_mtl.buffers import FIELDS, Batch
+from rl_mtl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from rl_mtl.config import ConfigError, load_config, parse_seeds
+from rl_mtl.metrics import read_metrics
+from rl_mtl.train import EXIT_INTERRUPTED, main, run
+from rl_mtl.training import Training, check_trainable_together
 
 K, B, OBS, ACT = 4, 16, 7, 3
-FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
+CPU = torch.device("cpu")
 
 
-def _agents(seeds, architecture="shared"):
-    cfg = load_config("smoke", [f"agent.architecture={architecture}"]).agent
-    agents = []
-    for seed in seeds:
-        torch.manual_seed(seed)  # as Trainer does before building its agent
-        agents.append(MultiTaskSAC(OBS, ACT, K, cfg, torch.device("cpu"), seed=seed))
-    return agents
+def _sac(method, architecture="shared"):
+    return SAC(OBS, ACT, K, load_config("smoke", [f"agent.architecture={architecture}"]).agent, method)
 
 
 def _batches(num_seeds, updates, poison=None):
@@ -45,17 +39,8 @@ def _batches(num_seeds, updates, poison=None):
     return out
 
 
-def _aggregators(method, seeds):
-    """(critic, actor) aggregators per seed; PCGrad's task orders seeded per seed, as Trainer does."""
-
-    def options(seed, stream):
-        return {"seed": 1000 * seed + stream} if method == "pcgrad" else {}
-
-    return [(make_aggregator(method, **options(s, 1)), make_aggregator(method, **options(s, 2))) for s in seeds]
-
-
-def _seed_batch(batch, s):
-    return Batch(*(getattr(batch, f)[s] for f in FIELDS))
+def _one_seed(batch, s):
+    return Batch(*(getattr(batch, f)[s : s + 1] for f in FIELDS))
 
 
 @pytest.mark.parametrize(
@@ -71,56 +56,53 @@ def _seed_batch(batch, s):
     ],
 )
 @pytest.mark.parametrize("path", ["cpu path", "gpu path"])
-def test_a_seed_batched_update_is_the_single_seed_update_for_every_seed(method, architecture, poison, path):
+def test_a_seed_in_a_population_gets_the_update_it_gets_alone(method, architecture, poison, path):
     """On the GPU path (run here under ``sync_free``) the seeds' aggregators also solve as one
     batch, and every solver runs its whole budget, alone and together."""
     seeds = [0, 1, 2]
-    alone, together = _agents(seeds, architecture), _agents(seeds, architecture)
-    stack = SeedStackedSAC(together)
-    aggs_alone, aggs_together = _aggregators(method, seeds), _aggregators(method, seeds)
+    sac = _sac(method, architecture)
+    together = Population(sac, seeds, CPU)
+    alone = [Population(sac, [seed], CPU) for seed in seeds]
     for batch in _batches(len(seeds), 3, poison):
         with sync_free() if path == "gpu path" else contextlib.nullcontext():
-            expected = [alone[s].update(_seed_batch(batch, s), *aggs_alone[s], True) for s in range(len(seeds))]
-            got = stack.update(batch, [a[0] for a in aggs_together], [a[1] for a in aggs_together], True)
+            expected = [alone[s].update(_one_seed(batch, s), True) for s in range(len(seeds))]
+            got = together.update(batch, True)
         for s in range(len(seeds)):
-            assert bool(got[s]["applied"]) == bool(expected[s]["applied"]), f"seed {s}: skipped in one path only"
+            assert bool(got["applied"][s]) == bool(expected[s]["applied"][0]), f"seed {s}: skipped in one path only"
             for name, value in expected[s].items():
-                torch.testing.assert_close(got[s][name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
-    if poison is not None:
-        assert together[poison[0]].nonfinite_total == alone[poison[0]].nonfinite_total == 1
-        assert sum(a.nonfinite_total for a in together) == 1
+                torch.testing.assert_close(got[name][s], value[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+    skips = [c[0] for c in together.skip_counts()]
+    assert skips == [int(poison is not None and s == poison[0]) for s in range(3)]
     for s in range(len(seeds)):
-        expected, got = alone[s].training_state(), together[s].training_state()
-        for name, value in expected["modules"].items():
-            scale = value.abs().max().clamp(min=1e-12)
-            assert (got["modules"][name] - value).abs().max() / scale <= 1e-5, f"seed {s}: {name} differs"
+        expected, got = alone[s].seed_state(0), together.seed_state(s)
+        for (path_e, value), (path_g, mine) in zip(_leaves(expected["agent"]), _leaves(got["agent"]), strict=True):
+            assert path_e == path_g
+            if value.is_floating_point():
+                scale = value.abs().max().clamp(min=1e-12)
+                assert (mine - value).abs().max() / scale <= 1e-5, f"seed {s}: {path_e} differs"
+            else:
+                assert torch.equal(mine, value), f"seed {s}: {path_e} differs"
         # the generators were advanced exactly as alone (same draws, same count)
         assert torch.equal(got["generator"], expected["generator"])
-        opt_got, opt_exp = got["critic_optimizer"]["state"], expected["critic_optimizer"]["state"]
-        assert [float(v["step"]) for v in opt_got.values()] == [float(v["step"]) for v in opt_exp.values()]
 
     obs = torch.randn(len(seeds), K, OBS)
-    acting = torch.stack([alone[s].act(obs[s], deterministic=True) for s in range(len(seeds))])
-    torch.testing.assert_close(stack.act(obs, deterministic=True), acting, rtol=1e-5, atol=1e-6)
+    acting = torch.cat([alone[s].act(obs[s : s + 1], deterministic=True) for s in range(len(seeds))])
+    torch.testing.assert_close(together.act(obs, deterministic=True), acting, rtol=1e-5, atol=1e-6)
 
 
-def test_stacked_replay_draws_each_seed_s_batch_from_its_own_generator():
-    alone = [MultiTaskReplayBuffer(K, 50, OBS, ACT, torch.device("cpu"), seed=s) for s in (0, 1)]
-    replay = StackedReplay([MultiTaskReplayBuffer(K, 50, OBS, ACT, torch.device("cpu"), seed=s) for s in (0, 1)])
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):  # wraps around the ring
-        t = [torch.randn(2, K, OBS, generator=g), torch.randn(2, K, ACT, generator=g), torch.randn(2, K, generator=g),
-             torch.randn(2, K, OBS, generator=g), torch.zeros(2, K)]  # fmt: skip
-        replay.add(*t)
-        for s, buf in enumerate(alone):
-            buf.add(*(x[s] for x in t))
-    batch = replay.sample(8)
-    for s, buf in enumerate(alone):
-        expected = buf.sample(8)
-        for name in FIELDS:
-            assert torch.equal(getattr(batch, name)[s], getattr(expected, name))
-        state = replay.buffers[s].state_dict()  # a seed's checkpoint is that of a buffer of its own
-        assert torch.equal(state["obs"], buf.state_dict()["obs"]) and state["position"] == buf.position == 10
+def _leaves(tree):
+    return torch.utils._pytree.tree_flatten_with_path(tree)[0]
+
+
+def test_a_seed_state_resumes_in_another_slot_of_another_population():
+    sac = _sac("nashmtl")
+    source, target = Population(sac, [0, 1], CPU), Population(sac, [7], CPU)
+    for batch in _batches(2, 2):
+        source.update(batch)
+    target.load_seed_state(0, source.seed_state(1))
+    batch = _batches(2, 3)[2]
+    torch.testing.assert_close(target.update(_one_seed(batch, 1))["critic_loss"][0],
+                               source.update(batch)["critic_loss"][1], rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 def _comparable(run_dir):
@@ -138,15 +120,15 @@ def test_seeds_trained_together_draw_the_goals_and_warmup_actions_they_draw_alon
     overrides = [*SHORT, "train.total_steps=150", "train.eval_every=100", "train.checkpoint_every=100"]
     cfgs = [load_config("smoke", overrides, method="nashmtl", seed=s) for s in (0, 1)]
     for cfg in cfgs:
-        assert run(cfg, tmp_path / f"alone{cfg.seed}", progress=False) == 0
-    assert run_together([(cfg, tmp_path / f"together{cfg.seed}", None) for cfg in cfgs], progress=False) == 0
+        assert run([(cfg, tmp_path / f"alone{cfg.seed}", None)], progress=False) == 0
+    assert run([(cfg, tmp_path / f"together{cfg.seed}", None) for cfg in cfgs], progress=False) == 0
     for seed in (0, 1):
         alone, together = (
-            load_checkpoint(tmp_path / f"{kind}{seed}" / "checkpoint.pt") for kind in ("alone", "together")
+            load_checkpoint(tmp_path / f"{kind}{seed}" / CHECKPOINT_NAME) for kind in ("alone", "together")
         )
         warmup = 100  # random actions, two episodes (one reset of every task: new goals), no update yet
         for name in FIELDS:
-            assert torch.equal(together["buffer"][name][:, :warmup], alone["buffer"][name][:, :warmup]), name
+            assert torch.equal(together["replay"][name][:, :warmup], alone["replay"][name][:, :warmup]), name
         a, t = _comparable(tmp_path / f"alone{seed}"), _comparable(tmp_path / f"together{seed}")
         assert [r["step"] for r in a] == [r["step"] for r in t]
         early = [(ra, rt) for ra, rt in zip(a, t, strict=True) if ra["step"] <= warmup]
@@ -163,8 +145,8 @@ def test_seeds_trained_together_draw_the_goals_and_warmup_actions_they_draw_alon
         (a_train,), (t_train,) = ([r for r in x if r["kind"] == "train" and r["step"] == 150] for x in (a, t))
         for key in ("loss/critic_mean", "loss/actor_mean"):
             assert t_train[key] == pytest.approx(a_train[key], rel=1e-3), key
-    assert load_checkpoint(tmp_path / "alone0" / "checkpoint.pt")["buffer"]["obs"].shape[1] == 150
-    a0, a1 = (load_checkpoint(tmp_path / f"alone{s}" / "checkpoint.pt")["buffer"]["obs"] for s in (0, 1))
+    assert load_checkpoint(tmp_path / "alone0" / CHECKPOINT_NAME)["replay"]["obs"].shape[1] == 150
+    a0, a1 = (load_checkpoint(tmp_path / f"alone{s}" / CHECKPOINT_NAME)["replay"]["obs"] for s in (0, 1))
     assert not torch.equal(a0, a1), "different seeds must see different goals"
 
 
@@ -176,7 +158,7 @@ def test_seeds_killed_together_resume_together_exactly(tmp_path):
     assert main([*args, "--run-dir", str(tmp_path / "straight"), *sets]) == 0
     cfgs = [load_config("smoke", overrides, method="pcgrad", seed=s) for s in (0, 1)]
     killed = [(cfg, tmp_path / "killed" / f"seed{cfg.seed}", None) for cfg in cfgs]
-    assert run_together(killed, progress=False, stop_at_step=160) == EXIT_INTERRUPTED
+    assert run(killed, progress=False, stop_at_step=160) == EXIT_INTERRUPTED
     dirs = [str(d) for _, d, _ in killed]
     assert main(["--resume", *dirs, "--no-progress"]) == 0
     for seed in (0, 1):
@@ -199,6 +181,7 @@ def test_seed_lists_and_runs_that_cannot_train_together_are_refused(tmp_path, ca
         main(["--seeds", "0-1", "--seed", "3", "--config", "smoke"])
 
     a, b = load_config("smoke", seed=0), load_config("smoke", seed=1)
+    check_trainable_together([(a, tmp_path / "a", None)])
     check_trainable_together([(a, tmp_path / "a", {"step": 100}), (b, tmp_path / "b", {"step": 100})])
     with pytest.raises(ConfigError, match=r"is at step 100 and .* at step 200"):
         check_trainable_together([(a, tmp_path / "a", {"step": 100}), (b, tmp_path / "b", {"step": 200})])
@@ -216,20 +199,19 @@ def test_a_seed_whose_updates_stay_non_finite_stops_the_batch_at_one_checkpoint_
     """Seed 1's rewards are all nan: its updates are skipped on the device, and the batch stops
     at the first checkpoint after the limit, before ANY seed saves there, so the seeds' last
     checkpoints are of one step (resumable together, or the healthy ones alone)."""
-    original = Trainer.receive
+    original = Training.receive
 
     def receive(self):
-        packed, terminated, truncated = original(self)
-        if self.cfg.seed == 1:
-            packed[:, -2] = np.nan  # the rewards column
-        return packed, terminated, truncated
+        next_obs, reward, terminated, done = original(self)
+        reward[1] = float("nan")  # seed 1's rewards
+        return next_obs, reward, terminated, done
 
-    monkeypatch.setattr(Trainer, "receive", receive)
+    monkeypatch.setattr(Training, "receive", receive)
     # 50-step episodes: checkpoints due at steps 100 (end of the warm-up) and 150
     overrides = ["train.max_nonfinite_updates=5", "train.checkpoint_every=50", "train.log_every=100"]
     cfgs = [load_config("smoke", overrides, method="nashmtl", seed=s) for s in (0, 1)]
     with pytest.raises(NonFiniteLossError, match=r"seed1: 50 consecutive updates"):
-        run_together([(cfg, tmp_path / f"seed{cfg.seed}", None) for cfg in cfgs], progress=False)
-    assert [load_checkpoint(tmp_path / f"seed{s}" / "checkpoint.pt")["step"] for s in (0, 1)] == [100, 100]
+        run([(cfg, tmp_path / f"seed{cfg.seed}", None) for cfg in cfgs], progress=False)
+    assert [load_checkpoint(tmp_path / f"seed{s}" / CHECKPOINT_NAME)["step"] for s in (0, 1)] == [100, 100]
     monkeypatch.undo()
     assert main(["--resume", str(tmp_path / "seed0"), "--set", "train.total_steps=150", "--no-progress"]) == 0

@@ -1,4 +1,5 @@
-"""What a run was made with: package versions, git commit, device, seed (``run.json``)."""
+"""Run directories: where runs go, the files in them, atomic writes, and what a run was made with
+(``run.json``: package versions, git commit, device, seed)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,59 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from .config import Config
 
+CONFIG_NAME = "config.yaml"
+RUN_INFO_NAME = "run.json"
 RECORDED_PACKAGES = ("torch", "metaworld", "mujoco", "gymnasium", "numpy", "cvxpy", "clarabel", "scipy")
 
 
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (it holds another run, or no run)."""
+
+
+def runs_root() -> Path:
+    """Where run directories go by default: ./runs, or $RL_MTL_RUNS (the Docker image's /runs)."""
+    return Path(os.environ.get("RL_MTL_RUNS", "runs"))
+
+
+def default_run_dir(root: Path, config_name: str, method: str, seed: int) -> Path:
+    """ROOT/<config>/<method>/seed<seed>: the layout train, sweep and evaluate share."""
+    return root / Path(config_name).stem / method / f"seed{seed}"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, then rename it
+    over ``path``: a reader, or a run killed mid-write, only ever sees the old file or the
+    complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# -- provenance ------------------------------------------------------------------------------------
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in RECORDED_PACKAGES:
@@ -55,11 +97,15 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compiled: bool, tasks: list[str]) -> str:
+def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compiled: bool, tasks: list[str],
+                 population: list[int]) -> str:  # fmt: skip
+    """``run.json``: what this run was made with. ``population``: the seeds trained together
+    in its process (just its own when it trained alone)."""
     record: dict[str, Any] = {
         "seed": cfg.seed,
         "method": cfg.method,
         "tasks": tasks,
+        "population": population,
         "device": device_description(device),
         "deterministic": deterministic,
         "compiled": compiled,  # train.compile as resolved for this device

@@ -8,51 +8,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import statistics
-import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .aggregators import aggregate_together, make_aggregator
-from .aggregators.base import normalize_gramian
-from .aggregators.reference import nash_cvxpy
-from .aggregators.solvers import sync_free
-from .config import ConfigError
-from .gradients import task_gradients, task_gradients_loop
-from .train import resolve_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int, warmup: int = 2
-) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+from ..aggregators import METHODS, aggregate, make_aggregator
+from ..aggregators.base import normalize_gramian
+from ..aggregators.reference import nash_cvxpy
+from ..aggregators.solvers import sync_free
+from ..gradients import task_gradients, task_gradients_loop
+from ..runtime import resolve_device
+from .timing import count_kernels, time_interleaved
 
 
 def _gramian(k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -62,7 +32,7 @@ def _gramian(k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
 
 
 def bench_weights(device: torch.device, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
-    methods = ["ls", "nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg"]
+    methods = list(METHODS)
     rows = []
     for k in sizes:
         m = _gramian(k, device)
@@ -91,50 +61,33 @@ def bench_weights(device: torch.device, sizes: list[int], rounds: int) -> list[d
     return rows
 
 
-class KernelCount(TorchDispatchMode):
-    """Counts the ATen operations that compute something (views excluded): on a GPU each is a
-    kernel launch, and in eager mode launches, not arithmetic, set the cost of K x K solves."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
-def count_kernels(fn: Callable[[], Any]) -> int:
-    with KernelCount() as counter:
-        fn()
-    return counter.count
-
-
-SEED_METHODS = ["nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg"]
+SEED_METHODS = [m for m in METHODS if make_aggregator(m).uses_gramian]
 
 
 def bench_seed_aggregation(device: torch.device, rounds: int, seeds: int = 10, k: int = 10) -> list[dict[str, Any]]:
-    """``train --seeds``: the seeds' aggregators one call each vs ``aggregate_together`` (one
-    vmapped solve), on the GPU path (no host reads, whole iteration budget) on any device, plus
-    the CPU path's per-seed calls (each stops once converged) where the device is the CPU."""
+    """``train --seeds``: the seeds' aggregators one call each vs ``aggregate`` (one vmapped
+    solve), on the GPU path (no host reads, whole iteration budget) on any device, plus the CPU
+    path's per-seed calls (each stops once converged) where the device is the CPU."""
     grams = torch.stack([_gramian(k, device, seed=s) for s in range(seeds)])
     losses = torch.ones(seeds, k, device=device)
+    uniform = torch.rand(seeds, k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for method in SEED_METHODS:
-        aggs = {name: [make_aggregator(method) for _ in range(seeds)] for name in ("per seed", "together", "cpu")}
+        agg = make_aggregator(method)
+        state = {name: torch.stack([value] * seeds) for name, value in agg.init_state(k, device).items()}
 
-        def per_seed(aggs=aggs["per seed"]):
-            return torch.stack([a(grams[s], losses[s]) for s, a in enumerate(aggs)])
+        def per_seed(agg=agg, state=state):
+            return [agg.step(grams[s], losses[s], {n: v[s] for n, v in state.items()}, uniform[s])
+                    for s in range(seeds)]  # fmt: skip
 
-        def together(aggs=aggs["together"]):
-            return aggregate_together(aggs, grams, losses)
+        def together(agg=agg, state=state):
+            return aggregate(agg, grams, losses, state, uniform)
 
         with sync_free():
             kernels = {"per seed": count_kernels(per_seed), "together": count_kernels(together)}
             times = time_interleaved({"per seed": per_seed, "together": together}, device, rounds)
         if device.type == "cpu":
-            times["cpu path"] = time_interleaved({"cpu": lambda a=aggs["cpu"]: aggregate_together(a, grams, losses)},
-                                                 device, rounds)["cpu"]  # fmt: skip
+            times["cpu path"] = time_interleaved({"cpu": together}, device, rounds)["cpu"]
         rows.append({
             "method": method, "seeds": seeds, "K": k, "kernels": kernels, "ms": {n: t * 1e3 for n, t in times.items()},
             "kernels_together_over_per_seed": kernels["together"] / kernels["per seed"],
@@ -182,7 +135,14 @@ def bench_task_gradients(device: torch.device, rounds: int, k: int = 10, per_tas
     }
 
 
-def run_aggregators(args: argparse.Namespace) -> dict[str, Any]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per variant (median reported)")
+    parser.add_argument("--quick", action="store_true", help="few rounds and sizes (CI smoke)")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     rounds = 5 if args.quick else args.rounds
     sizes = [2, 10] if args.quick else [2, 10, 50]
@@ -204,7 +164,7 @@ def run_aggregators(args: argparse.Namespace) -> dict[str, Any]:
     seeds = bench_seed_aggregation(device, rounds)
     print(
         f"\n{seeds[0]['seeds']} seeds' aggregators (train --seeds), K={seeds[0]['K']}, on the GPU path (no host "
-        "reads): one call per seed vs one vmapped solve (aggregate_together); kernels = ATen operations "
+        "reads): one call per seed vs one vmapped solve (aggregate); kernels = ATen operations "
         "dispatched (views excluded), one launch each on a GPU; times (ms, median) on this device"
         + ("; 'cpu path' = what the CPU runs (per-seed calls that stop once converged)" if device.type == "cpu" else "")
     )
@@ -238,32 +198,3 @@ def run_aggregators(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(device), "torch": torch.__version__, "weights": weights, "seed_aggregation": seeds,
         "task_gradients": grads,
     }  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl_mtl.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    agg = sub.add_parser("aggregators", help="aggregator solve times, Nash native vs cvxpy, per-task gradient cost")
-    agg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    agg.add_argument("--rounds", type=int, default=30, help="timed rounds per variant (median reported)")
-    agg.add_argument("--quick", action="store_true", help="few rounds and sizes (CI smoke)")
-    agg.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
-    train = sub.add_parser("train", help="end-to-end training throughput per method against env-only throughput")
-    from .train_bench import add_arguments, run_train_bench
-
-    add_arguments(train)
-    args = parser.parse_args(argv)
-    try:
-        result = run_aggregators(args) if args.command == "aggregators" else run_train_bench(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

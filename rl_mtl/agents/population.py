@@ -1,0 +1,87 @@
+"""A population: S independent SAC agents (seeds) of one config, trained as one.
+
+Every tensor of the agents' state is stacked on a leading seed axis (parameters [S, ...],
+optimiser moments, temperatures, target critics, aggregator state, skip counters), and one
+update runs all of them: the per-task gradients of S x K tasks in one batched pass, S
+aggregators' solves in one, one Adam step over the stacked parameters. A single run is S = 1 of
+the same code. Each seed keeps its own random stream (a generator seeded with the seed: policy
+noise and the aggregator's random numbers), so a seed's numbers are those it gets alone, up to
+floating-point summation order inside batched kernels; its state can be sliced out
+(``seed_state``) and put back (``load_seed_state``) to checkpoint and resume it alone or in any
+population.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from ..buffers import Batch
+from .optim import paired_leaves
+from .sac import SAC, State
+
+
+class Population:
+    def __init__(self, sac: SAC, seeds: list[int], device: torch.device) -> None:
+        self.sac, self.seeds, self.device = sac, list(seeds), device
+        agents = [sac.init_state(seed) for seed in seeds]
+        self.state: State = tree_map(lambda *leaves: torch.stack(leaves).to(device), *agents)
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    @property
+    def size(self) -> int:
+        return len(self.seeds)
+
+    def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:
+        """obs [S, K, obs_dim] -> actions [S, K, A]: each seed's policy, sampled with its own
+        noise, or its deterministic action (the tanh of the Gaussian mean)."""
+        noise = None if deterministic else self._normal((self.sac.num_tasks, self.sac.action_dim))
+        return self.sac.act(self.state, obs, noise)
+
+    def policy(self, obs: np.ndarray) -> np.ndarray:
+        """The deterministic policy on the environments' observations [S, K, obs_dim] (numpy):
+        the actions [S, K, A] to step them with (what evaluation runs)."""
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        return to_host(self.act(obs_t, deterministic=True))
+
+    def update(self, batch: Batch, diagnostics: bool = False) -> dict[str, Tensor]:
+        """One SAC update of every seed on its own batch [S, K, B, ...] (``SAC.update``)."""
+        _, k, b = batch.reward.shape
+        noise = self._normal((2, k, b, self.sac.action_dim))
+        uniform = torch.stack([
+            torch.rand(2, k, k, dtype=torch.float64, generator=g, device=self.device) for g in self.generators
+        ])  # fmt: skip
+        return self.sac.update(self.state, batch, noise, uniform, diagnostics)
+
+    def _normal(self, shape: tuple[int, ...]) -> Tensor:
+        """[S, *shape]: standard normal numbers, each seed's from its own generator."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
+
+    # -- counters (reading them synchronises with the device) ------------------------------------
+    def skip_counts(self) -> list[tuple[int, int, int]]:
+        """Per seed: (skipped updates in all, in a row now, the longest run in a row)."""
+        return [tuple(row) for row in self.state["skip_counts"].tolist()]
+
+    def fallbacks(self, network: str) -> list[int]:
+        """Per seed: the calls of ``network``'s aggregator that used a fallback."""
+        return self.state["aggregators"][network]["fallbacks"].tolist()
+
+    # -- one seed's part of a checkpoint ----------------------------------------------------------
+    def seed_state(self, s: int) -> dict[str, Any]:
+        """Seed ``s``'s agent (every tensor on the CPU) and its generator's state."""
+        return {"agent": tree_map(lambda t: t[s].cpu(), self.state), "generator": self.generators[s].get_state()}
+
+    def load_seed_state(self, s: int, state: dict[str, Any]) -> None:
+        """Put a ``seed_state`` (of an agent of the same architecture) into slot ``s``."""
+        for mine, theirs in paired_leaves(self.state, state["agent"]):
+            mine[s].copy_(theirs)
+        self.generators[s].set_state(state["generator"])
+
+
+def to_host(action: Tensor) -> np.ndarray:
+    """Actions for the environments (float64 numpy)."""
+    return action.cpu().numpy().astype(np.float64)

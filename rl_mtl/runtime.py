@@ -1,0 +1,85 @@
+"""The process a run trains in: device, deterministic kernels, the compile switch, the global
+random generators (seeding, and their states for checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: CUDA was requested but torch.cuda.is_available() is False; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_determinism(cfg: Config, device: torch.device) -> bool:
+    """Deterministic kernels: on by default on the CPU, opt-in on CUDA (README: Reproducibility)."""
+    deterministic = cfg.deterministic if cfg.deterministic is not None else device.type == "cpu"
+    if deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.benchmark = not deterministic
+    return deterministic
+
+
+def compiler_available(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for ``device``: its CPU backend compiles C++, and
+    Triton (CUDA) builds its launcher with a C compiler (``$CXX`` / ``$CC`` when set)."""
+    if device.type == "cuda":
+        names = [os.environ.get("CC", ""), "cc", "gcc", "clang"]
+    else:
+        names = [os.environ.get("CXX", ""), "g++", "clang++"]
+    return any(name and shutil.which(name) for name in names)
+
+
+def resolve_compile(cfg: Config, device: torch.device) -> bool:
+    """train.compile: None means on for the CPU (measured to pay, README: Speed) when a compiler is
+    installed, off on CUDA (not yet measured)."""
+    if cfg.train.compile is None:
+        return device.type == "cpu" and compiler_available(device)
+    if cfg.train.compile and not compiler_available(device):
+        needed = "a C compiler (gcc) for Triton" if device.type == "cuda" else "a C++ compiler (g++)"
+        raise ConfigError(f"train.compile=true needs {needed} on PATH; install one or set train.compile=false")
+    return cfg.train.compile
+
+
+def seed_everything(seed: int) -> None:
+    """The process-global generators (Meta-World's goal sampling reads numpy's when an env is built)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The process-global generators' states, as plain numbers and tensors (checkpointable)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    keys = np.asarray(npy["keys"], dtype=np.int64).astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,383 @@
+"""A population's training: the runs it trains (new or resumed run directories), its parts, and
+the stages that ``train.train_loop`` strings together.
+
+A population is S >= 1 seeds of one config trained in one process: one ``Population`` of agents,
+one ``ReplayBuffer``, one vector env per seed stepped together (``PopulationEnvs``), one
+evaluation, one metric sum, all with a leading seed axis. Each seed keeps its own run directory,
+config, log, checkpoint and random streams, so a seed trained in a population is the seed
+trained alone, and its checkpoint resumes alone or with others.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from .agents import SAC, NonFiniteLossError, Population, to_host
+from .buffers import ReplayBuffer
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from .config import (
+    EXECUTION_KEYS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    diff_configs,
+    flatten,
+    load_config,
+    merge,
+    nest,
+    parse_override,
+    resolve_config_path,
+)
+from .envs import (
+    EnvError,
+    PopulationEnvs,
+    RewardNormalizer,
+    env_checkpoint,
+    load_env_checkpoint,
+    make_vector_env,
+    run_evaluations,
+    task_names,
+)
+from .metrics import METRICS_NAME, MetricSums, RunLogger, per_task, training_scalars, truncate_metrics
+from .run_dir import (
+    CONFIG_NAME,
+    RUN_INFO_NAME,
+    RunDirError,
+    default_run_dir,
+    run_metadata,
+    runs_root,
+    write_text_atomic,
+)
+from .runtime import resolve_compile, resolve_device, rng_state, seed_everything, set_determinism, set_rng_state
+
+RunSpec = tuple[Config, Path, "dict[str, Any] | None"]  # (config, run directory, checkpoint to resume)
+RESUMABLE_CHANGES = ("train.total_steps", *EXECUTION_KEYS)  # what a resumed run may change
+
+
+# -- which runs: new ones, or resumed run directories ------------------------------------------------
+def new_runs(config_name: str, overrides: list[str], explicit: dict[str, Any], seeds: list[int],
+             run_dir: Path | None, several: bool) -> list[RunSpec]:  # fmt: skip
+    """New runs of ``seeds`` in ``run_dir`` (one seed alone) or in ``seed<seed>`` directories
+    under it (``several``), by default under ROOT/<config>/<method>. A directory that already
+    holds a run is never overwritten."""
+    runs = []
+    for seed in seeds:
+        cfg = load_config(config_name, overrides, **{**explicit, "seed": seed})
+        if run_dir is not None and not several:
+            directory = run_dir
+        elif run_dir is not None:
+            directory = run_dir / f"seed{cfg.seed}"
+        else:
+            directory = default_run_dir(runs_root(), config_name, cfg.method, cfg.seed)
+        if (directory / CHECKPOINT_NAME).exists() or (directory / METRICS_NAME).exists():
+            raise RunDirError(
+                f"run directory {directory} already holds a run; resume it with --resume {directory}, "
+                "or choose another --run-dir"
+            )
+        runs.append((cfg, directory, None))
+    return runs
+
+
+def resumed_run(run_dir: Path, config_name: str | None, overrides: list[str], explicit: dict[str, Any]) -> RunSpec:
+    """The saved config of ``run_dir`` (with the allowed changes applied) and its checkpoint."""
+    saved_path = run_dir / CONFIG_NAME
+    if not saved_path.is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); check the path")
+    saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
+    data = saved.to_dict()
+    if config_name:
+        data = config_from_dict(
+            merge(data, yaml.safe_load(resolve_config_path(config_name).read_text()) or {})
+        ).to_dict()
+    for text in overrides:
+        data = merge(data, nest(*parse_override(text)))
+    requested = config_from_dict(merge(data, {k: v for k, v in explicit.items() if v is not None}))
+    conflicts = diff_configs(saved, requested, allowed=RESUMABLE_CHANGES)
+    if conflicts:
+        saved_flat, req_flat = flatten(saved.to_dict()), flatten(requested.to_dict())
+        details = "; ".join(f"{k}: saved {saved_flat.get(k)!r}, requested {req_flat.get(k)!r}" for k in conflicts)
+        raise ConfigError(
+            f"cannot resume {run_dir} with a different config ({details}). Drop those options to "
+            f"resume as saved, or start a new run in another --run-dir"
+        )
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    if state["step"] >= requested.train.total_steps:
+        raise RunDirError(
+            f"{run_dir} is already complete ({state['step']} of {requested.train.total_steps} steps); "
+            "extend it with --set train.total_steps=N"
+        )
+    return requested, run_dir, state
+
+
+def check_trainable_together(runs: list[RunSpec]) -> None:
+    """Runs trained in one process step together: one config up to the seed, one step count."""
+    (first, first_dir, first_state), others = runs[0], runs[1:]
+    seen = {first.seed: first_dir}
+    for cfg, run_dir, state in others:
+        if cfg.seed in seen:
+            raise ConfigError(f"{seen[cfg.seed]} and {run_dir} are both seed {cfg.seed}; resume them separately")
+        seen[cfg.seed] = run_dir
+        differing = diff_configs(first, cfg, allowed=("seed",))
+        if differing:
+            raise ConfigError(
+                f"{first_dir} and {run_dir} differ in {', '.join(differing)}; only seeds of one config train "
+                "together. Resume them in separate commands"
+            )
+        steps = (None if first_state is None else first_state["step"], None if state is None else state["step"])
+        if steps[0] != steps[1]:
+            raise ConfigError(
+                f"{first_dir} is at step {steps[0]} and {run_dir} at step {steps[1]}; seeds train together only "
+                "from the same step. Resume them in separate commands"
+            )
+
+
+class Training:
+    """Everything a population's training owns; ``seed_state`` / ``load_seed_state`` cover all of
+    it, one seed at a time. ``envs`` / ``eval_envs``: prebuilt vector envs, one per seed (the
+    benchmark shares them between methods); ``log=False`` opens no run directory (benchmarks)."""
+
+    def __init__(self, runs: list[RunSpec], envs: list[Any] | None = None, eval_envs: list[Any] | None = None,
+                 log: bool = True) -> None:  # fmt: skip
+        check_trainable_together(runs)
+        self.cfg = cfg = runs[0][0]  # the seeds share it up to the seed
+        self.configs = [c for c, _, _ in runs]
+        self.run_dirs = [d for _, d, _ in runs]
+        seeds = [c.seed for c in self.configs]
+        self.device = resolve_device(cfg.device)
+        self.deterministic = set_determinism(cfg, self.device)
+        seed_everything(seeds[0])
+        self.tasks = task_names(cfg.env)
+        k = len(self.tasks)
+        self.envs = PopulationEnvs(envs or [make_vector_env(cfg.env, seed) for seed in seeds], k)
+        self.eval_envs = eval_envs or [make_vector_env(cfg.env, seed, evaluation=True) for seed in seeds]
+        # Overlap the update with the env step where the env can (validated in config).
+        self.overlap = self.envs.can_overlap if cfg.train.overlap_env is None else cfg.train.overlap_env
+        env = self.envs.runners[0].env
+        obs_dim, action_dim = env.single_observation_space.shape[0], env.single_action_space.shape[0]
+        self.compiled = resolve_compile(cfg, self.device)
+        options = cfg.method_options.get(cfg.method, {})
+        self.sac = SAC(obs_dim, action_dim, k, cfg.agent, cfg.method, options, compile=self.compiled)
+        self.population = Population(self.sac, seeds, self.device)
+        capacity = cfg.train.buffer_capacity_per_task
+        self.replay = ReplayBuffer([s + 1 for s in seeds], k, capacity, obs_dim, action_dim, self.device)
+        self.normalizer = RewardNormalizer(len(seeds), k, cfg.env.reward_norm_rate) if cfg.env.reward_normalization \
+            else None  # fmt: skip
+        self.warmup_rngs = [np.random.default_rng(seed + 3) for seed in seeds]  # random actions before learning
+        self.action_dim = action_dim
+        self.step, self.last_checkpoint_step, self.last_eval_step = 0, 0, -1
+        self.sums = MetricSums()
+        self.stop_requested = False
+        self.envs.reset_all()
+        states = [state for _, _, state in runs]
+        if states[0] is not None:
+            self.load_states(states)  # type: ignore[arg-type]
+        self.loggers = self._open_run_dirs(resumed=states[0] is not None) if log else []
+        self.interval_start, self.interval_start_step = time.perf_counter(), self.step
+
+    @property
+    def size(self) -> int:
+        return self.population.size
+
+    def _open_run_dirs(self, resumed: bool) -> list[RunLogger]:
+        loggers = []
+        for cfg, run_dir in zip(self.configs, self.run_dirs, strict=True):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resumed:
+                truncate_metrics(run_dir / METRICS_NAME, self.step)
+            write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            info = run_metadata(cfg, self.device, self.deterministic, self.compiled, self.tasks,
+                                [c.seed for c in self.configs])  # fmt: skip
+            write_text_atomic(run_dir / (f"run.resumed-{self.step}.json" if resumed else RUN_INFO_NAME), info)
+            loggers.append(RunLogger(run_dir, purge_step=self.step + 1 if resumed else None))
+        return loggers
+
+    # -- the stages of one step ---------------------------------------------------------------------
+    def to_device(self, array: np.ndarray) -> Tensor:
+        """A float32 copy of env data on the training device."""
+        return torch.as_tensor(array, dtype=torch.float32, device=self.device)
+
+    def random_actions(self) -> Tensor:
+        """Uniform random actions [S, K, A], each seed's from its own warm-up generator."""
+        k = len(self.tasks)
+        return self.to_device(np.stack([rng.uniform(-1.0, 1.0, (k, self.action_dim)) for rng in self.warmup_rngs]))
+
+    def receive(self) -> tuple[Tensor, Tensor, Tensor, np.ndarray]:
+        """Finish the envs' step: (next_obs [S, K, obs_dim], reward [S, K], terminated [S, K]) on
+        the device, with one host-to-device copy, and ``done`` [S, K] (terminated or truncated)."""
+        next_obs, reward, terminated, truncated = self.envs.step_wait()
+        if self.normalizer is not None:
+            reward = self.normalizer(reward)
+        packed = self.to_device(np.concatenate([next_obs, reward[..., None], terminated[..., None]], axis=-1))
+        return packed[..., :-2], packed[..., -2], packed[..., -1], terminated | truncated
+
+    def collect_and_learn(self, obs: Tensor, action: Tensor, learning: bool, diagnostics: bool
+                          ) -> tuple[Tensor, np.ndarray]:  # fmt: skip
+        """Step every env with ``action`` [S, K, A] from ``obs``, store the transitions and, once
+        ``learning``, update. With async envs the update runs while they step (between
+        ``step_async`` and ``step_wait``, sampling the replay before this step's transitions join
+        it); otherwise after the transitions are stored. Returns (next_obs, done [S, K])."""
+        self.envs.step_async(to_host(action))
+        if learning and self.overlap:
+            self.learn(diagnostics)
+        next_obs, reward, terminated, done = self.receive()
+        self.replay.add(obs, action, reward, next_obs, terminated)
+        if learning and not self.overlap:
+            self.learn(diagnostics)
+        return next_obs, done
+
+    def learn(self, diagnostics: bool) -> None:
+        """``train.updates_per_step`` updates of every seed; the last one logs diagnostics if asked."""
+        t = self.cfg.train
+        for i in range(t.updates_per_step):
+            batch = self.replay.sample(t.batch_size_per_task)
+            self.sums.add(self.population.update(batch, diagnostics and i == t.updates_per_step - 1))
+
+    def check_skipped_updates(self) -> None:
+        """Stop once any seed skipped ``train.max_nonfinite_updates`` updates in a row. The counters
+        live on the device, so the loop reads them only where a run may log or save (log steps,
+        episode ends), before any seed does: the seeds then stop with checkpoints of one step."""
+        limit = self.cfg.train.max_nonfinite_updates
+        for run_dir, (_, _, longest) in zip(self.run_dirs, self.population.skip_counts(), strict=True):
+            if longest >= limit:
+                raise NonFiniteLossError(
+                    f"{run_dir}: {longest} consecutive updates had non-finite losses or gradients (limit "
+                    f"train.max_nonfinite_updates={limit}, seen at step {self.step}); stopping. The last "
+                    f"checkpoint (step {self.last_checkpoint_step}) is intact: resume from it with smaller "
+                    f"learning rates (--set agent.critic_lr=1e-4) or check the reward scale "
+                    f"(--set env.reward_normalization=true)"
+                )
+
+    def log_training(self) -> float:
+        """Log every seed's interval means; returns the steps per second since the last log."""
+        rate = (self.step - self.interval_start_step) / max(time.perf_counter() - self.interval_start, 1e-9)
+        means = self.sums.means() or [{} for _ in range(self.size)]
+        skips = self.population.skip_counts()
+        fallbacks = {name: self.population.fallbacks(name) for name in ("critic", "actor")}
+        for s, logger in enumerate(self.loggers):
+            scalars = {"perf/steps_per_second": rate, "buffer/size": float(len(self.replay))}
+            scalars.update(training_scalars(means[s], self.tasks))
+            scalars["aggregator/fallbacks_critic"] = float(fallbacks["critic"][s])
+            scalars["aggregator/fallbacks_actor"] = float(fallbacks["actor"][s])
+            scalars["train/nonfinite_updates"] = float(skips[s][0])
+            logger.log(self.step, scalars, kind="train")
+        self.sums.reset()
+        self.interval_start, self.interval_start_step = time.perf_counter(), self.step
+        return rate
+
+    def log_episodes(self, done: np.ndarray) -> None:
+        if not self.loggers:
+            return
+        for runner, seed_done, logger in zip(self.envs.runners, done, self.loggers, strict=True):
+            if not seed_done.any():
+                continue
+            finished = runner.finished_stats(seed_done)
+            names = [self.tasks[i] for i in finished["task"]]
+            scalars = per_task("episode/return", finished["return"], names)
+            scalars.update(per_task("episode/success", finished["success"], names))
+            if len(names) == len(self.tasks):
+                scalars["episode/return_mean"] = float(finished["return"].mean())
+                scalars["episode/success_mean"] = float(finished["success"].mean())
+            logger.log(self.step, scalars, kind="episode")
+
+    def eval_due(self) -> bool:
+        t = self.cfg.train
+        due = (t.eval_every and self.step % t.eval_every == 0) or self.step == t.total_steps
+        return bool(due) and self.last_eval_step != self.step
+
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every seed's deterministic policy on its own eval env, in lockstep: success and mean
+        return [S, K]."""
+        t, env = self.cfg.train, self.cfg.env
+        return run_evaluations(self.eval_envs, self.population.policy, t.eval_episodes, env.max_episode_steps)
+
+    def log_evaluation(self) -> float:
+        """Evaluate and log; returns the mean success over seeds and tasks."""
+        self.last_eval_step = self.step
+        success, returns = self.evaluate()
+        for s, logger in enumerate(self.loggers):
+            scalars = per_task("eval/success", success[s], self.tasks)
+            scalars.update(per_task("eval/return", returns[s], self.tasks))
+            scalars["eval/success_mean"] = float(success[s].mean())
+            scalars["eval/return_mean"] = float(returns[s].mean())
+            scalars["eval/episodes_per_task"] = float(self.cfg.train.eval_episodes)
+            logger.log(self.step, scalars, kind="eval")
+        return float(success.mean())
+
+    def save(self, at_boundary: bool) -> None:
+        """Every seed's checkpoint. ``at_boundary``: taken at an episode boundary, before the
+        next goals are drawn (a resumed run then continues exactly)."""
+        if not self.loggers:  # no run directories (a benchmark)
+            return
+        for s, (run_dir, logger) in enumerate(zip(self.run_dirs, self.loggers, strict=True)):
+            logger.flush()
+            save_checkpoint(run_dir / CHECKPOINT_NAME, self.seed_state(s, at_boundary))
+        self.last_checkpoint_step = self.step
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.envs.close()
+        for env in self.eval_envs:
+            env.close()
+
+    # -- one seed's checkpoint ------------------------------------------------------------------------
+    def seed_state(self, s: int, at_boundary: bool = True) -> dict[str, Any]:
+        cfg = self.configs[s]
+        agent = self.population.seed_state(s)
+        return {
+            "step": self.step,
+            "last_eval_step": self.last_eval_step,
+            "at_boundary": at_boundary,
+            "seed": cfg.seed,
+            "method": cfg.method,
+            "config": cfg.to_dict(),
+            "agent": agent["agent"],
+            "agent_generator": agent["generator"],
+            "replay": self.replay.seed_state(s),
+            "normalizer": None if self.normalizer is None else self.normalizer.seed_state(s),
+            "warmup_rng": self.warmup_rngs[s].bit_generator.state,
+            "rng": rng_state(),
+            "env": env_checkpoint(self.envs.runners[s].env),
+            "eval_env": env_checkpoint(self.eval_envs[s]),
+            "metric_sums": self.sums.seed_state(s),
+        }
+
+    def load_states(self, states: list[dict[str, Any]]) -> None:
+        """Every seed's checkpoint (all at one step: ``check_trainable_together``)."""
+        for s, (state, run_dir) in enumerate(zip(states, self.run_dirs, strict=True)):
+            try:
+                self.population.load_seed_state(s, {"agent": state["agent"], "generator": state["agent_generator"]})
+                self.replay.load_seed_state(s, state["replay"])
+                if self.normalizer is not None:
+                    self.normalizer.load_seed_state(s, state["normalizer"])
+                self.warmup_rngs[s].bit_generator.state = state["warmup_rng"]
+                load_env_checkpoint(self.envs.runners[s].env, state["env"])
+                load_env_checkpoint(self.eval_envs[s], state["eval_env"])
+            except (KeyError, TypeError, ValueError, RuntimeError, EnvError) as err:
+                raise CheckpointError(
+                    f"the checkpoint in {run_dir} does not fit this run ({type(err).__name__}: {err}); it was "
+                    "written by another configuration or version"
+                ) from err
+        lead = states[0]
+        self.step = self.last_checkpoint_step = int(lead["step"])
+        self.last_eval_step = int(lead["last_eval_step"])
+        set_rng_state(lead["rng"])
+        self.sums = MetricSums.stacked([state["metric_sums"] for state in states], self.device)
+        # The checkpoint was taken before the finished episodes' reset: do that reset now, with
+        # the restored env RNGs, exactly as the uninterrupted run did right after saving.
+        if not lead["at_boundary"]:
+            print(
+                "warning: this checkpoint was taken mid-episode (the end of a run whose length is not a "
+                "multiple of the episode length); episodes restart, so the continuation is not bit-identical "
+                "to an uninterrupted run",
+                file=sys.stderr,
+            )
+        self.envs.reset_all()
