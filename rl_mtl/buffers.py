@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,24 @@ class Batch:
 FIELDS = tuple(f.name for f in fields(Batch))
 
 
+class ReplayError(RuntimeError):
+    """The replay does not fit in the training device's memory, with what to lower."""
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give (None when unknown): the GPU's free memory, or the
+    host's available memory (``MemAvailable``)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class ReplayBuffer:
     """One ring buffer of ``capacity`` transitions per seed and task, written together (every
     seed steps one env per task at a time). Storage and sampling stay on ``device``; each seed
@@ -36,13 +55,24 @@ class ReplayBuffer:
     ) -> None:
         self.num_tasks, self.capacity, self.device = num_tasks, capacity, device
         lead = (len(seeds), num_tasks, capacity)
-        self.storage = {
-            "obs": torch.zeros(*lead, obs_dim, device=device),
-            "action": torch.zeros(*lead, action_dim, device=device),
-            "reward": torch.zeros(*lead, device=device),
-            "next_obs": torch.zeros(*lead, obs_dim, device=device),
-            "terminated": torch.zeros(*lead, device=device),
-        }
+        widths = {"obs": obs_dim, "action": action_dim, "reward": None, "next_obs": obs_dim, "terminated": None}
+        need = 4 * len(seeds) * num_tasks * capacity * (2 * obs_dim + action_dim + 2)  # float32
+        free = free_memory(device)
+        advice = "lower train.buffer_capacity_per_task, or train fewer seeds together"
+        if free is not None and need > free:
+            raise ReplayError(
+                f"the replay needs {need / 2**30:.1f} GiB ({len(seeds)} seeds x {num_tasks} tasks x {capacity} "
+                f"transitions) but {device} has {free / 2**30:.1f} GiB free; {advice}"
+            )
+        try:
+            self.storage = {
+                name: torch.zeros(*lead, *([] if width is None else [width]), device=device)
+                for name, width in widths.items()
+            }
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # the check above is an estimate
+            raise ReplayError(
+                f"the replay ({need / 2**30:.1f} GiB) does not fit on {device} ({err}); {advice}"
+            ) from err
         self.position = 0  # the next slot to write (the same for every seed and task)
         self.size = 0
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]

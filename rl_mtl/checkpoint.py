@@ -1,5 +1,9 @@
 """Checkpoints: one seed's complete training state, in a file whose reading can run no code.
 
+A population's checkpoints are written as one set (``save_checkpoints``): each seed's previous
+checkpoint stays until every seed has written its new one, so a kill at any instant leaves all
+seeds resumable at one common step (``resume_points``).
+
 The format (version 2) is a safetensors file: every tensor (networks, optimiser moments, replay,
 generator states...) is a named tensor, and everything else (counters, the config, environment
 and generator states as plain numbers) is JSON in the file's metadata, beside a SHA-256 digest
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ import torch
 from .run_dir import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+PREVIOUS_NAME = "checkpoint.previous.safetensors"  # kept while a population's set is being written
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # format 1: a pickle
 FORMAT_VERSION = 2
 _MAGIC = "rl-mtl checkpoint"
@@ -86,10 +93,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, a bare pickle
+
+
 def _header(path: Path) -> dict[str, str]:
     """The file's metadata (its header only: cheap for a 400 MB checkpoint)."""
     from safetensors import safe_open
 
+    with path.open("rb") as f:
+        if f.read(4).startswith(PICKLE_MAGIC):  # looked at, never unpickled
+            migrate(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -116,9 +129,9 @@ def migrate(path: Path) -> None:
     """Bring a checkpoint of an earlier format to the current one. Format 1 (``checkpoint.pt``,
     a pickle) is refused: opening it could run code, and the update it resumed is gone."""
     raise CheckpointError(
-        f"{path} is a checkpoint of format 1, written by rl-mtl before the population update (0.2); this "
-        "version never opens it (a pickle, which could run code) and cannot continue it. Start the run again "
-        "in a new directory, or finish it with the rl-mtl version that wrote it"
+        f"{path} is a pickle: a checkpoint of format 1 (rl-mtl before the population update, 0.2) or a file of "
+        "another program. This version never opens pickles (they can run code) and cannot continue format 1. "
+        "Start the run again in a new directory, or finish it with the rl-mtl version that wrote it"
     )
 
 
@@ -157,3 +170,61 @@ def read_step(path: Path) -> int:
     _check_present(path)
     metadata = _verified(path, _header(path))
     return int(json.loads(metadata["tree"])["__dict__"]["step"])
+
+
+# -- a population's checkpoints as one set ---------------------------------------------------------
+def save_checkpoints(run_dirs: list[Path], state_of: Callable[[int], dict[str, Any]]) -> None:
+    """Every seed's checkpoint (``state_of(s)`` for the seed in ``run_dirs[s]``), as one set:
+    each seed's current checkpoint becomes its previous one before the new one is written, and
+    the previous ones are deleted only once every seed has its new one."""
+    for s, run_dir in enumerate(run_dirs):
+        current = run_dir / CHECKPOINT_NAME
+        if current.exists():
+            os.replace(current, run_dir / PREVIOUS_NAME)
+        save_checkpoint(current, state_of(s))
+    for run_dir in run_dirs:
+        (run_dir / PREVIOUS_NAME).unlink(missing_ok=True)
+
+
+def saved_steps(run_dir: Path) -> dict[int, Path]:
+    """The checkpoints ``run_dir`` holds, by step: its current one and, where a population was
+    stopped while saving, its previous one (or only that, if the stop came mid-write)."""
+    found = {}
+    for name in (PREVIOUS_NAME, CHECKPOINT_NAME):  # the current one wins a tie
+        path = run_dir / name
+        if path.exists():
+            found[read_step(path)] = path
+    if not found and (run_dir / LEGACY_CHECKPOINT_NAME).exists():
+        migrate(run_dir / LEGACY_CHECKPOINT_NAME)
+    return found
+
+
+def resume_points(run_dirs: list[Path]) -> tuple[int, list[Path]] | None:
+    """The latest step at which every one of ``run_dirs`` has a checkpoint, and those files;
+    None when none of them has one. Seeds trained together always have such a step."""
+    saved = [saved_steps(run_dir) for run_dir in run_dirs]
+    if not any(saved):
+        return None
+    if not all(saved):
+        never = ", ".join(str(d) for d, steps in zip(run_dirs, saved, strict=True) if not steps)
+        raise CheckpointError(f"{never} never reached a checkpoint, unlike the others; resume it on its own")
+    common = set.intersection(*(set(steps) for steps in saved))
+    if not common:
+        listed = "; ".join(
+            f"{d}: {', '.join(map(str, sorted(steps)))}" for d, steps in zip(run_dirs, saved, strict=True)
+        )
+        raise CheckpointError(
+            f"these runs have no checkpoint at a common step ({listed}), so they cannot continue together; "
+            "resume them in separate commands"
+        )
+    step = max(common)
+    return step, [steps[step] for steps in saved]
+
+
+def make_current(path: Path) -> Path:
+    """Make the checkpoint at ``path`` its run directory's current one (a previous one replaces a
+    current one that is ahead of it: a population resumed at the step all its seeds reached)."""
+    current = path.with_name(CHECKPOINT_NAME)
+    if path != current:
+        os.replace(path, current)
+    return current

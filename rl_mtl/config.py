@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,14 +21,32 @@ from typing import Any
 
 import yaml
 
-from .agents.networks import ARCHITECTURES
+from .agents.networks import ARCHITECTURES, make_network
 from .aggregators import METHODS, AggregatorError, make_aggregator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # inside the package: a wheel has them too
 BENCHMARKS = ("MT10", "MT50", "MT1", "custom")
+MAX_EPISODE_STEPS = 500  # Meta-World truncates every episode here (SawyerXYZEnv.max_path_length)
+MAX_SEED = 2**32 - 1  # numpy's seeds (the goals' and the envs') are 32-bit
+# Fields that hold options per method / architecture: overrides merge into them per name.
+OPTION_TABLES = ("method_options", "architecture_options")
 # Keys that say how a run is executed, not what it computes: the seeds of one comparison may
 # differ in them, and a resumed run may change them.
 EXECUTION_KEYS = ("device", "deterministic", "train.compile")
+# What a resumed run may change besides those: its budget, and the learning rates (what one
+# lowers after a divergence; the change is recorded in run.resumed-<step>.json).
+RESUMABLE_KEYS = ("train.total_steps", "agent.actor_lr", "agent.critic_lr", "agent.temperature_lr", *EXECUTION_KEYS)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: ``1e-4`` is a float (YAML 1.2), not the string YAML 1.1 makes it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class ConfigError(ValueError):
@@ -48,7 +68,9 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    architecture: str = "shared"  # shared | multihead | independent
+    architecture: str = "shared"  # agents.networks.ARCHITECTURES: shared | multihead | independent | ...
+    # Options per architecture (soft_modularization, care, moore: README), for the one in use.
+    architecture_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     hidden_sizes: list[int] = field(default_factory=lambda: [400, 400, 400])
     init: str = "default"  # default (PyTorch's) | xavier (Xavier-uniform weights, zero biases)
     actor_lr: float = 3e-4
@@ -144,6 +166,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -166,7 +190,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
                     f"{path}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}"
                 )
             _apply(current, value, prefix=f"{path}.")
-        elif key == "method_options":
+        elif key in OPTION_TABLES:
             merged = {m: dict(o) for m, o in current.items()}
             for method, options in _coerce(path, value, dict[str, Any]).items():
                 merged.setdefault(method, {}).update(_coerce(f"{path}.{method}", options, dict[str, Any]))
@@ -197,6 +221,13 @@ def validate(cfg: Config) -> Config:
     _choice("agent.init", agent.init, ("default", "xavier"))
     _choice("agent.temperature", agent.temperature, ("per_task", "shared"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in [0, {MAX_SEED}] (numpy's seeds are 32-bit), got {cfg.seed}")
+    if env.max_episode_steps > MAX_EPISODE_STEPS:
+        raise ConfigError(
+            f"env.max_episode_steps={env.max_episode_steps}: Meta-World ends every episode at {MAX_EPISODE_STEPS} "
+            "steps; choose at most that"
+        )
     if env.benchmark == "MT1" and len(env.tasks) != 1:
         raise ConfigError("env.tasks: MT1 needs exactly one task name, e.g. --set env.tasks=[reach-v3]")
     if env.benchmark == "custom" and not env.tasks:
@@ -243,6 +274,17 @@ def validate(cfg: Config) -> Config:
         make_aggregator(cfg.method, **cfg.method_options.get(cfg.method, {}))
     except AggregatorError as err:
         raise ConfigError(f"method_options.{cfg.method}: {err}") from err
+    unknown = sorted(set(agent.architecture_options) - set(ARCHITECTURES))
+    if unknown:
+        raise ConfigError(
+            f"agent.architecture_options: unknown architecture(s) {', '.join(unknown)}; choose from: "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    try:  # likewise a small network of the architecture (a context file's task names are checked when it is built)
+        options = agent.architecture_options.get(agent.architecture, {})
+        make_network(agent.architecture, 3, 1, 2, ["a", "b"], agent.hidden_sizes, agent.init, options)
+    except ValueError as err:
+        raise ConfigError(f"agent.architecture_options.{agent.architecture}: {err}") from err
     return cfg
 
 
@@ -258,13 +300,34 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config file '{name}' not found; pass a YAML path or a preset name ({presets})")
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML as the configs are written (``1e-4`` a float); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+
+
+def read_yaml_file(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (``what`` names it in errors): a missing, unreadable, binary,
+    malformed or non-mapping file is a ConfigError saying which and what to do."""
+    try:
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} '{path}' cannot be read ({type(err).__name__}: {err}); check the path") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.total_steps=1000' -> ('train.total_steps', 1000); values are parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value (e.g. train.total_steps=1000), got '{text}'")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {key}: cannot parse value '{raw}': {err}") from err
     return key.strip(), value
@@ -277,18 +340,26 @@ def nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def read_config_file(name: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's keys; a file that says ``extends: <preset or path>`` holds only its
+    differences from that one (read first)."""
+    path = resolve_config_path(name)
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' extends itself (through {' -> '.join(map(str, seen))})")
+    data = read_yaml_file(path, "config file")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file '{path}': extends must name a preset or a file, got {base!r}")
+    return merge(read_config_file(base, (*seen, path.resolve())), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
     """Defaults <- YAML file <- ``--set`` overrides <- explicit top-level values (method, seed...)."""
     cfg = Config()
     if path is not None:
-        resolved = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(resolved.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{resolved}' is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{resolved}' must contain a mapping of keys, got {type(data).__name__}")
-        _apply(cfg, data)
+        _apply(cfg, read_config_file(path))
     for text in overrides or []:
         _apply(cfg, nest(*parse_override(text)))
     _apply(cfg, {k: v for k, v in top.items() if v is not None})
@@ -302,10 +373,10 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'total_steps': 1}} -> {'train.total_steps': 1} (method_options stays whole)."""
+    """{'train': {'total_steps': 1}} -> {'train.total_steps': 1} (option tables stay whole)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k != "method_options":
+        if isinstance(v, dict) and k not in OPTION_TABLES:
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

@@ -204,7 +204,7 @@ def evaluate_checkpoint(path: Path, episodes: int, device: str, seed: int | None
     try:
         tasks = task_names(cfg.env)
         obs_dim, action_dim = env.single_observation_space.shape[0], env.single_action_space.shape[0]
-        sac = SAC(obs_dim, action_dim, len(tasks), cfg.agent, cfg.method, cfg.method_options.get(cfg.method, {}))
+        sac = SAC(obs_dim, action_dim, tasks, cfg.agent, cfg.method, cfg.method_options.get(cfg.method, {}))
         population = Population(sac, [cfg.seed], dev)
         try:
             population.load_seed_state(0, {"agent": state["agent"], "generator": state["agent_generator"]})

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
@@ -21,6 +23,7 @@ from .config import Config
 
 CONFIG_NAME = "config.yaml"
 RUN_INFO_NAME = "run.json"
+LOCK_NAME = ".lock"
 RECORDED_PACKAGES = ("torch", "metaworld", "mujoco", "gymnasium", "numpy", "cvxpy", "clarabel", "scipy")
 
 
@@ -36,6 +39,83 @@ def runs_root() -> Path:
 def default_run_dir(root: Path, config_name: str, method: str, seed: int) -> Path:
     """ROOT/<config>/<method>/seed<seed>: the layout train, sweep and evaluate share."""
     return root / Path(config_name).stem / method / f"seed{seed}"
+
+
+# -- one writer per run directory ------------------------------------------------------------------
+_held: dict[Path, int] = {}  # run directory -> the descriptor of its lock file, held by this process
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Make this process the run directory's only writer (creating the directory): an exclusive
+    ``flock`` on its lock file, which the kernel releases when the process ends however it ends,
+    so a crashed run never blocks its own resume. A second writer is refused at once; readers
+    (evaluate, plot) take no lock. Idempotent within a process."""
+    key = run_dir.resolve()
+    if key in _held:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise RunDirError(f"{run_dir} (or a folder above it) is a file, not a directory; choose another --run-dir") \
+            from err  # fmt: skip
+    except OSError as err:
+        raise RunDirError(f"cannot create or write {run_dir} ({err.strerror}); choose a writable --run-dir") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirError(
+            f"{run_dir} is being written by {holder}; wait for that run to end (or stop it) before training "
+            "into this directory. Reading it (evaluate, plot, tensorboard) is fine meanwhile"
+        ) from None
+    os.ftruncate(fd, 0)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} (since {started})\n".encode(), 0)
+    _held[key] = fd
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who writes ``run_dir`` now (its lock file's note), or None when no process holds its lock."""
+    if run_dir.resolve() in _held:
+        return f"this process (pid {os.getpid()})"
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+    return None
+
+
+def unlock_run_dirs(run_dirs: list[Path]) -> None:
+    for run_dir in run_dirs:
+        fd = _held.pop(run_dir.resolve(), None)
+        if fd is not None:
+            os.close(fd)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of writes a killed process left behind (``atomic_write``'s
+    ``.<name>.<random>.tmp``); call it holding the directory's lock."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def describe_write_error(err: OSError) -> str:
+    """A one-line explanation and fix for a failed write in a run directory."""
+    where = err.filename or "a run file"
+    intact = "then resume the run (its last checkpoint is intact)"
+    if err.errno == errno.ENOSPC:
+        return f"the disk is full: could not write {where}. Free some space, {intact}"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where} ({err.strerror}): make the directory writable, or choose another --run-dir"
+    return f"could not write {where} ({err.strerror}); fix that, {intact}"
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -98,17 +178,22 @@ def device_description(device: torch.device) -> str:
 
 
 def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compiled: bool, tasks: list[str],
-                 population: list[int]) -> str:  # fmt: skip
+                 population: list[int], network: dict[str, Any],
+                 changed: dict[str, list[Any]] | None = None) -> str:  # fmt: skip
     """``run.json``: what this run was made with. ``population``: the seeds trained together
-    in its process (just its own when it trained alone)."""
+    in its process (just its own when it trained alone); ``network``: the architecture, its
+    options and what it records (CARE's context); ``changed``: on a resume, the config keys it
+    changed ([before, after])."""
     record: dict[str, Any] = {
         "seed": cfg.seed,
         "method": cfg.method,
         "tasks": tasks,
+        "network": network,
         "population": population,
         "device": device_description(device),
         "deterministic": deterministic,
         "compiled": compiled,  # train.compile as resolved for this device
+        "changed_on_resume": changed or {},
         "versions": package_versions(),
         "python": sys.version.split()[0],
         "git_commit": git_commit(),

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from .config import EXECUTION_KEYS, flatten
+from .config import EXECUTION_KEYS, ConfigError, flatten, read_yaml_file
 from .metrics import METRICS_NAME, read_metrics
 from .run_dir import CONFIG_NAME
 
@@ -73,16 +72,23 @@ def find_run_dirs(patterns: list[str]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    config = yaml.safe_load((path / CONFIG_NAME).read_text()) or {}
+    try:
+        config = read_yaml_file(path / CONFIG_NAME, "the run's config")
+    except ConfigError as err:
+        raise RunsError(
+            f"{err}; this run directory cannot be read: restore its {CONFIG_NAME}, or leave it out"
+        ) from err
     records, bad = read_metrics(path / METRICS_NAME)
     return Run(path=path, config=config, records=records, unreadable_lines=bad)
 
 
 def _relevant(config: dict[str, Any], with_method: bool) -> dict[str, Any]:
     """What decides a run's numbers besides its seed, flattened: everything but the seed and the
-    execution keys (``config.EXECUTION_KEYS``), and of ``method_options`` only the entry of the
-    method in use (the others are never read)."""
+    execution keys (``config.EXECUTION_KEYS``), and of ``method_options`` and
+    ``agent.architecture_options`` only the entry in use (the others are never read)."""
     out = {k: v for k, v in flatten(config).items() if k not in ("seed", "method", "method_options", *EXECUTION_KEYS)}
+    agent = config.get("agent") or {}
+    out["agent.architecture_options"] = (agent.get("architecture_options") or {}).get(agent.get("architecture"), {})
     if with_method:
         method = config.get("method")
         out["method"] = method

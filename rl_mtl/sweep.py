@@ -4,8 +4,8 @@
 
 One run directory per (method, seed): ROOT/<config>/<method>/seed<seed>, the same place
 ``python -m rl_mtl.train`` uses by default. Finished runs are skipped, interrupted ones resumed
-from their checkpoint, and a run that died before its first checkpoint is moved aside
-(``<dir>.failed-<time>``, nothing deleted) and started again. Each job's console output goes to
+from their checkpoint, a run that died before its first checkpoint is started again (its first
+attempt's logs kept aside), and a run another process is writing is left alone. Each job's console output goes to
 ``<run dir>.log``. At the end it prints the status of every run and the evaluation summary.
 Ctrl-C stops the jobs the way the trainer does (each saves at its next episode boundary).
 """
@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .aggregators import METHODS
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, read_step
+from .checkpoint import CheckpointError, saved_steps
 from .config import ConfigError, load_config, parse_seeds
-from .metrics import METRICS_NAME
-from .run_dir import default_run_dir, runs_root
+from .run_dir import CONFIG_NAME, default_run_dir, lock_holder, runs_root
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Job:
     method: str
     seed: int
     run_dir: Path
-    action: str  # "start", "resume" or "skip"
+    action: str  # "start", "resume", "skip" (finished) or "busy" (another process writes it)
     returncode: int | None = None
     seconds: float = 0.0
 
@@ -48,19 +47,13 @@ def plan(methods: list[str], seeds: list[int], config: str, overrides: list[str]
         for seed in seeds:
             cfg = load_config(config, overrides, method=method, seed=seed)  # validates before anything runs
             run_dir = default_run_dir(root, config, method, seed)
-            checkpoint = run_dir / CHECKPOINT_NAME
-            if checkpoint.is_file():
-                try:
-                    step = read_step(checkpoint)
-                except CheckpointError as err:
-                    raise SystemExit(f"error: {err}") from err
-                action = "skip" if step >= cfg.train.total_steps else "resume"
-            else:
-                if (run_dir / METRICS_NAME).exists():  # died before its first checkpoint
-                    aside = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
-                    run_dir.rename(aside)
-                    print(f"{run_dir} had no checkpoint; moved to {aside} and starting again", file=sys.stderr)
-                action = "start"
+            steps = saved_steps(run_dir)
+            if lock_holder(run_dir) is not None:
+                action = "busy"
+            elif steps and max(steps) >= cfg.train.total_steps:
+                action = "skip"
+            else:  # resuming a run that died before its first checkpoint starts it again
+                action = "resume" if (run_dir / CONFIG_NAME).is_file() else "start"
             jobs.append(Job(method, seed, run_dir, action))
     return jobs
 
@@ -79,7 +72,7 @@ def command(job: Job, config: str, overrides: list[str], device: str | None) -> 
 
 
 def run_jobs(jobs: list[Job], config: str, overrides: list[str], device: str | None, parallel: int) -> None:
-    todo = [j for j in jobs if j.action != "skip"]
+    todo = [j for j in jobs if j.action in ("start", "resume")]
     threads = max(1, (os.cpu_count() or 1) // parallel)  # no oversubscription of the cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: dict[subprocess.Popen, tuple[Job, float]] = {}
@@ -141,13 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     root = args.root or runs_root()
+    if root.exists() and not root.is_dir():
+        print(f"error: --root {root} is a file, not a directory; choose another root", file=sys.stderr)
+        return 2
     try:
         jobs = plan(args.methods, args.seeds, args.config, args.overrides, root)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     skipped = [j for j in jobs if j.action == "skip"]
-    print(f"{len(jobs)} runs: {len(jobs) - len(skipped)} to run ({sum(j.action == 'resume' for j in jobs)} resumed), "
+    for job in (j for j in jobs if j.action == "busy"):
+        print(f"{job.run_dir} is being written by {lock_holder(job.run_dir)}; this sweep leaves it alone")
+    todo = [j for j in jobs if j.action in ("start", "resume")]
+    print(f"{len(jobs)} runs: {len(todo)} to run ({sum(j.action == 'resume' for j in jobs)} resumed), "
           f"{len(skipped)} already finished")  # fmt: skip
     try:
         run_jobs(jobs, args.config, args.overrides, args.device, args.jobs)
@@ -156,18 +155,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print("\nstatus:")
     for job in jobs:
-        status = "finished earlier" if job.action == "skip" else ("ok" if job.returncode == 0 else "FAILED")
-        if job.returncode == 130:
-            status = "interrupted (resumable)"
-        print(f"  {job.method:<9} seed {job.seed:<3} {status:<24} {job.run_dir}")
+        print(f"  {job.method:<9} seed {job.seed:<3} {job_status(job):<24} {job.run_dir}")
     finished = [str(j.run_dir) for j in jobs if j.action == "skip" or j.returncode == 0]
     if finished:
         from .evaluate import main as evaluate_main
 
         print()
         evaluate_main(finished)
-    failed = [j for j in jobs if j.action != "skip" and j.returncode != 0]
-    return 0 if not failed else (130 if all(j.returncode == 130 for j in failed) else 1)
+    failed = [j for j in todo if j.returncode not in (0, None)]
+    if any(j.returncode is None for j in todo) or (failed and all(j.returncode == 130 for j in failed)):
+        return 130  # stopped: what did not finish resumes on the next run of the sweep
+    return 1 if failed or any(j.action == "busy" for j in jobs) else 0
+
+
+def job_status(job: Job) -> str:
+    if job.action == "skip":
+        return "finished earlier"
+    if job.action == "busy":
+        return "written by another process"
+    if job.returncode is None:
+        return "not started"
+    if job.returncode == 130:
+        return "interrupted (resumable)"
+    return "ok" if job.returncode == 0 else f"FAILED (exit {job.returncode})"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ an uninterrupted one would.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -20,11 +22,12 @@ import yaml
 
 from .agents import NonFiniteLossError
 from .aggregators import METHODS
+from .buffers import ReplayError
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_seeds
 from .envs import EnvError
-from .run_dir import RunDirError
-from .training import RunSpec, Training, check_trainable_together, new_runs, resumed_run
+from .run_dir import RunDirError, describe_write_error, lock_run_dir, unlock_run_dirs
+from .training import RunSpec, Training, check_trainable_together, new_runs, resumed_runs
 
 EXIT_INTERRUPTED = 130
 
@@ -78,36 +81,43 @@ def progress_bar(total: int, initial: int, enabled: bool) -> Any:
                 disable=not enabled, smoothing=0.05)  # fmt: skip
 
 
+class StartupInterrupted(BaseException):
+    """Ctrl-C or SIGTERM before training began (a BaseException, like KeyboardInterrupt, so that no
+    library's ``except Exception`` swallows it)."""
+
+
 def run(runs: list[RunSpec], progress: bool = True, stop_at_step: int | None = None) -> int:
     """Train one run, or several seeds of one config together, each in its own run directory
-    (new, or resumed from its checkpoint). Ctrl-C or SIGTERM asks for a stop at the next episode
-    boundary (with a checkpoint); a second one exits at once."""
+    (new, or resumed from its checkpoint), as the directories' only writer. Ctrl-C or SIGTERM
+    during start-up stops it before anything is trained; during training it asks for a stop at
+    the next episode boundary (with a checkpoint), and a second one exits at once."""
     check_trainable_together(runs)
-    training = Training(runs)
-    previous = _install_signal_handlers(training)
+    run_dirs = [run_dir for _, run_dir, _ in runs]
+    training: Training | None = None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if training is None or os.getpid() != training_pid:
+            _interrupt_start_up(signum, frame)
+        if training.stop_requested:
+            raise KeyboardInterrupt
+        training.stop_requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing the current episode, then saving a checkpoint (send it "
+              "again to exit at once, keeping the previous checkpoint)", file=sys.stderr)  # fmt: skip
+
+    training_pid = os.getpid()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
+        for run_dir in run_dirs:
+            lock_run_dir(run_dir)
+        training = Training(runs)
         return train_loop(training, progress, stop_at_step)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        training.close()
-
-
-def _install_signal_handlers(training: Training) -> dict[int, Any]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum: int, _frame: Any) -> None:
-        if training.stop_requested:
-            raise KeyboardInterrupt
-        training.stop_requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: finishing the current episode, then saving a checkpoint "
-            "(send it again to exit at once, keeping the previous checkpoint)",
-            file=sys.stderr,
-        )
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if training is not None:
+            training.close()
+        unlock_run_dirs(run_dirs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,24 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_runs(args: argparse.Namespace) -> list[RunSpec]:
-    """The runs to train: one, several seeds (--seeds), or several resumed run directories."""
+def resolve_runs(args: argparse.Namespace, lock: bool = True) -> list[RunSpec]:
+    """The runs to train: one, several seeds (--seeds), or several resumed run directories;
+    with ``lock``, this process becomes their directories' only writer first."""
     explicit = {"method": args.method, "seed": args.seed, "device": args.device, "deterministic": args.deterministic}
     if args.resume is not None:
         if args.seeds is not None:
             raise ConfigError("--seeds starts new runs; to continue seeds together pass their directories to --resume")
-        runs = [resumed_run(run_dir, args.config, args.overrides, explicit) for run_dir in args.resume]
+        runs = resumed_runs(args.resume, args.config, args.overrides, explicit, lock)
     else:
         seeds = args.seeds if args.seeds is not None else [args.seed]
-        runs = new_runs(args.config or "mt10", args.overrides, explicit, seeds, args.run_dir, args.seeds is not None)
+        several = args.seeds is not None
+        runs = new_runs(args.config or "mt10", args.overrides, explicit, seeds, args.run_dir, several, lock)
     check_trainable_together(runs)
     return runs
 
 
+def _interrupt_start_up(signum: int, _frame: Any) -> None:
+    if multiprocessing.parent_process() is not None:  # an env worker forked with our handlers: just end
+        os._exit(128 + signum)
+    raise StartupInterrupted(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runs: list[RunSpec] = []
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _interrupt_start_up) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main \
+        else {}  # fmt: skip
     try:
-        runs = resolve_runs(args)
+        runs = resolve_runs(args, lock=not args.print_config)
         if args.print_config:
             print(yaml.safe_dump(runs[0][0].to_dict(), sort_keys=False), end="")
             return 0
@@ -205,12 +227,22 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"resuming {run_dir} from step {state['step']}", file=sys.stderr)
         return run(runs, progress=not args.no_progress)
-    except (ConfigError, EnvError, CheckpointError, NonFiniteLossError, RunDirError) as err:
+    except (ConfigError, EnvError, CheckpointError, NonFiniteLossError, RunDirError, ReplayError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a write that failed outside a checkpoint: a log, the config, run.json
+        print(f"error: {describe_write_error(err)}", file=sys.stderr)
+        return 2
+    except StartupInterrupted as err:
+        print(f"\n{err}: stopped during start-up, before training; no checkpoint was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        unlock_run_dirs([run_dir for _, run_dir, _ in runs])
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ trained alone, and its checkpoint resumes alone or with others.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,9 +23,9 @@ from torch import Tensor
 
 from .agents import SAC, NonFiniteLossError, Population, to_host
 from .buffers import ReplayBuffer
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, make_current, resume_points, save_checkpoints
 from .config import (
-    EXECUTION_KEYS,
+    RESUMABLE_KEYS,
     Config,
     ConfigError,
     config_from_dict,
@@ -34,12 +35,14 @@ from .config import (
     merge,
     nest,
     parse_override,
-    resolve_config_path,
+    read_config_file,
+    read_yaml_file,
 )
 from .envs import (
     EnvError,
     PopulationEnvs,
     RewardNormalizer,
+    close_env,
     env_checkpoint,
     load_env_checkpoint,
     make_vector_env,
@@ -52,6 +55,9 @@ from .run_dir import (
     RUN_INFO_NAME,
     RunDirError,
     default_run_dir,
+    describe_write_error,
+    lock_run_dir,
+    remove_stale_temporaries,
     run_metadata,
     runs_root,
     write_text_atomic,
@@ -59,15 +65,15 @@ from .run_dir import (
 from .runtime import resolve_compile, resolve_device, rng_state, seed_everything, set_determinism, set_rng_state
 
 RunSpec = tuple[Config, Path, "dict[str, Any] | None"]  # (config, run directory, checkpoint to resume)
-RESUMABLE_CHANGES = ("train.total_steps", *EXECUTION_KEYS)  # what a resumed run may change
 
 
 # -- which runs: new ones, or resumed run directories ------------------------------------------------
 def new_runs(config_name: str, overrides: list[str], explicit: dict[str, Any], seeds: list[int],
-             run_dir: Path | None, several: bool) -> list[RunSpec]:  # fmt: skip
+             run_dir: Path | None, several: bool, lock: bool = True) -> list[RunSpec]:  # fmt: skip
     """New runs of ``seeds`` in ``run_dir`` (one seed alone) or in ``seed<seed>`` directories
-    under it (``several``), by default under ROOT/<config>/<method>. A directory that already
-    holds a run is never overwritten."""
+    under it (``several``), by default under ROOT/<config>/<method>. With ``lock`` this process
+    becomes each directory's only writer first, and then a directory that already holds a run is
+    refused: never overwritten."""
     runs = []
     for seed in seeds:
         cfg = load_config(config_name, overrides, **{**explicit, "seed": seed})
@@ -77,44 +83,105 @@ def new_runs(config_name: str, overrides: list[str], explicit: dict[str, Any], s
             directory = run_dir / f"seed{cfg.seed}"
         else:
             directory = default_run_dir(runs_root(), config_name, cfg.method, cfg.seed)
-        if (directory / CHECKPOINT_NAME).exists() or (directory / METRICS_NAME).exists():
+        if lock:
+            lock_run_dir(directory)
+        if resume_points([directory]) is not None:
             raise RunDirError(
-                f"run directory {directory} already holds a run; resume it with --resume {directory}, "
-                "or choose another --run-dir"
+                f"{directory} already holds a run; resume it with --resume {directory}, or choose another --run-dir"
+            )
+        if (directory / METRICS_NAME).exists():
+            raise RunDirError(
+                f"{directory} holds a run that never reached its first checkpoint; start it again with --resume "
+                f"{directory} (its first attempt's logs are kept aside), or choose another --run-dir"
             )
         runs.append((cfg, directory, None))
     return runs
 
 
-def resumed_run(run_dir: Path, config_name: str | None, overrides: list[str], explicit: dict[str, Any]) -> RunSpec:
-    """The saved config of ``run_dir`` (with the allowed changes applied) and its checkpoint."""
-    saved_path = run_dir / CONFIG_NAME
-    if not saved_path.is_file():
-        raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); check the path")
-    saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
+def resumed_runs(run_dirs: list[Path], config_name: str | None, overrides: list[str], explicit: dict[str, Any],
+                 lock: bool = True) -> list[RunSpec]:  # fmt: skip
+    """The runs in ``run_dirs``, each with its saved config (plus the changes a resume may make,
+    ``config.RESUMABLE_KEYS``), continued together from the latest step at which all of them
+    have a checkpoint. Runs that never reached a checkpoint start again from step 0 with their
+    saved configs, their first attempt's logs moved aside. With ``lock`` this process becomes
+    each directory's only writer first."""
+    for run_dir in run_dirs:
+        if not (run_dir / CONFIG_NAME).is_file():  # checked before locking, which would create the directory
+            raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); check the path")
+        if lock:
+            lock_run_dir(run_dir)
+    configs = [_resumed_config(run_dir, config_name, overrides, explicit) for run_dir in run_dirs]
+    points = resume_points(run_dirs)
+    if points is None:
+        if lock:
+            for run_dir in run_dirs:
+                _set_aside_first_attempt(run_dir)
+        return [(cfg, run_dir, None) for cfg, run_dir in zip(configs, run_dirs, strict=True)]
+    step, paths = points
+    runs = []
+    for cfg, run_dir, path in zip(configs, run_dirs, paths, strict=True):
+        if step >= cfg.train.total_steps:
+            raise RunDirError(f"{run_dir} is already complete ({step} of {cfg.train.total_steps} steps); extend it "
+                              "with --set train.total_steps=N")  # fmt: skip
+        state = load_checkpoint(make_current(path) if lock else path)
+        _check_identity(run_dir, cfg, state)
+        runs.append((cfg, run_dir, state))
+    return runs
+
+
+def _resumed_config(run_dir: Path, config_name: str | None, overrides: list[str], explicit: dict[str, Any]) -> Config:
+    saved = config_from_dict(read_yaml_file(run_dir / CONFIG_NAME, "the run's config"))
     data = saved.to_dict()
     if config_name:
-        data = config_from_dict(
-            merge(data, yaml.safe_load(resolve_config_path(config_name).read_text()) or {})
-        ).to_dict()
+        data = config_from_dict(merge(data, read_config_file(config_name))).to_dict()
     for text in overrides:
         data = merge(data, nest(*parse_override(text)))
     requested = config_from_dict(merge(data, {k: v for k, v in explicit.items() if v is not None}))
-    conflicts = diff_configs(saved, requested, allowed=RESUMABLE_CHANGES)
+    conflicts = diff_configs(saved, requested, allowed=RESUMABLE_KEYS)
     if conflicts:
         saved_flat, req_flat = flatten(saved.to_dict()), flatten(requested.to_dict())
         details = "; ".join(f"{k}: saved {saved_flat.get(k)!r}, requested {req_flat.get(k)!r}" for k in conflicts)
         raise ConfigError(
-            f"cannot resume {run_dir} with a different config ({details}). Drop those options to "
-            f"resume as saved, or start a new run in another --run-dir"
+            f"cannot resume {run_dir} with a different config ({details}). A resume may change only "
+            f"{', '.join(RESUMABLE_KEYS)}; drop the other options, or start a new run in another --run-dir"
         )
-    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    if state["step"] >= requested.train.total_steps:
-        raise RunDirError(
-            f"{run_dir} is already complete ({state['step']} of {requested.train.total_steps} steps); "
-            "extend it with --set train.total_steps=N"
+    return requested
+
+
+def _check_identity(run_dir: Path, cfg: Config, state: dict[str, Any]) -> None:
+    """A checkpoint resumes only the run that wrote it: same seed, method and config (up to what a
+    resume may change)."""
+    where = run_dir / CHECKPOINT_NAME
+    for field, mine in (("seed", cfg.seed), ("method", cfg.method)):
+        if state.get(field) != mine:
+            raise CheckpointError(
+                f"{where} belongs to another run: its {field} is {state.get(field)!r}, this run directory's is "
+                f"{mine!r}. Put this run's own checkpoint back, or start the run again in a new directory"
+            )
+    try:
+        theirs = config_from_dict(state["config"])
+    except (ConfigError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{where} holds no valid config ({err}); it was not written by this rl-mtl") from err
+    differing = diff_configs(theirs, cfg, allowed=RESUMABLE_KEYS)
+    if differing:
+        raise CheckpointError(
+            f"{where} belongs to another run: its config differs from {run_dir / CONFIG_NAME} in "
+            f"{', '.join(differing)}. Put this run's own checkpoint back, or start the run again in a new directory"
         )
-    return requested, run_dir, state
+
+
+def _set_aside_first_attempt(run_dir: Path) -> None:
+    """Move a run's logs that never reached a checkpoint into ``aborted-<time>/``."""
+    aside = run_dir / f"aborted-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = [run_dir / name for name in (METRICS_NAME, "tensorboard", RUN_INFO_NAME)] + list(
+        run_dir.glob("run.resumed-*")
+    )
+    for path in logs:
+        if path.exists():
+            aside.mkdir(exist_ok=True)
+            os.replace(path, aside / path.name)
+    print(f"{run_dir} never reached its first checkpoint: starting it again from step 0 with its saved config"
+          + (f" (the first attempt's logs are in {aside})" if aside.exists() else ""), file=sys.stderr)  # fmt: skip
 
 
 def check_trainable_together(runs: list[RunSpec]) -> None:
@@ -156,16 +223,30 @@ class Training:
         seed_everything(seeds[0])
         self.tasks = task_names(cfg.env)
         k = len(self.tasks)
-        self.envs = PopulationEnvs(envs or [make_vector_env(cfg.env, seed) for seed in seeds], k)
-        self.eval_envs = eval_envs or [make_vector_env(cfg.env, seed, evaluation=True) for seed in seeds]
+        self.envs, self.eval_envs, self.loggers = PopulationEnvs([], k), [], []
+        try:  # whatever fails below (a foreign checkpoint, too little memory), no env process is left behind
+            self._build(runs, envs, eval_envs, log)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, runs: list[RunSpec], envs: list[Any] | None, eval_envs: list[Any] | None, log: bool) -> None:
+        cfg, seeds, k = self.cfg, [c.seed for c in self.configs], len(self.tasks)
+        for seed, env in zip(seeds, envs or [None] * len(seeds), strict=True):
+            self.envs.add(env or make_vector_env(cfg.env, seed))
+        for seed, env in zip(seeds, eval_envs or [None] * len(seeds), strict=True):
+            self.eval_envs.append(env or make_vector_env(cfg.env, seed, evaluation=True))
         # Overlap the update with the env step where the env can (validated in config).
         self.overlap = self.envs.can_overlap if cfg.train.overlap_env is None else cfg.train.overlap_env
         env = self.envs.runners[0].env
         obs_dim, action_dim = env.single_observation_space.shape[0], env.single_action_space.shape[0]
         self.compiled = resolve_compile(cfg, self.device)
         options = cfg.method_options.get(cfg.method, {})
-        self.sac = SAC(obs_dim, action_dim, k, cfg.agent, cfg.method, options, compile=self.compiled)
-        self.population = Population(self.sac, seeds, self.device)
+        try:  # the networks' options are checked with this run's tasks here (a context file's rows)
+            self.sac = SAC(obs_dim, action_dim, self.tasks, cfg.agent, cfg.method, options, compile=self.compiled)
+            self.population = Population(self.sac, seeds, self.device)
+        except ValueError as err:
+            raise ConfigError(f"agent.architecture_options.{cfg.agent.architecture}: {err}") from err
         capacity = cfg.train.buffer_capacity_per_task
         self.replay = ReplayBuffer([s + 1 for s in seeds], k, capacity, obs_dim, action_dim, self.device)
         self.normalizer = RewardNormalizer(len(seeds), k, cfg.env.reward_norm_rate) if cfg.env.reward_normalization \
@@ -179,25 +260,32 @@ class Training:
         states = [state for _, _, state in runs]
         if states[0] is not None:
             self.load_states(states)  # type: ignore[arg-type]
-        self.loggers = self._open_run_dirs(resumed=states[0] is not None) if log else []
+        if log:
+            self._open_run_dirs(states)
         self.interval_start, self.interval_start_step = time.perf_counter(), self.step
 
     @property
     def size(self) -> int:
         return self.population.size
 
-    def _open_run_dirs(self, resumed: bool) -> list[RunLogger]:
-        loggers = []
-        for cfg, run_dir in zip(self.configs, self.run_dirs, strict=True):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if resumed:
+    def _open_run_dirs(self, states: list[dict[str, Any] | None]) -> None:
+        """Write each run's config and provenance and open its log, as this process, the
+        directory's only writer (a resume records in its provenance what it changed)."""
+        for cfg, run_dir, state in zip(self.configs, self.run_dirs, states, strict=True):
+            lock_run_dir(run_dir)
+            remove_stale_temporaries(run_dir)
+            changed = {}
+            if state is not None:
                 truncate_metrics(run_dir / METRICS_NAME, self.step)
+                before, after = flatten(state["config"]), flatten(cfg.to_dict())
+                changed = {k: [before.get(k), after[k]] for k in diff_configs(config_from_dict(state["config"]), cfg)}
+                for key, (old, new) in changed.items():
+                    print(f"{run_dir}: resuming with {key} changed from {old} to {new}", file=sys.stderr)
             write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             info = run_metadata(cfg, self.device, self.deterministic, self.compiled, self.tasks,
-                                [c.seed for c in self.configs])  # fmt: skip
-            write_text_atomic(run_dir / (f"run.resumed-{self.step}.json" if resumed else RUN_INFO_NAME), info)
-            loggers.append(RunLogger(run_dir, purge_step=self.step + 1 if resumed else None))
-        return loggers
+                                [c.seed for c in self.configs], self.sac.describe(), changed)  # fmt: skip
+            write_text_atomic(run_dir / (RUN_INFO_NAME if state is None else f"run.resumed-{self.step}.json"), info)
+            self.loggers.append(RunLogger(run_dir, purge_step=None if state is None else self.step + 1))
 
     # -- the stages of one step ---------------------------------------------------------------------
     def to_device(self, array: np.ndarray) -> Tensor:
@@ -247,12 +335,13 @@ class Training:
         limit = self.cfg.train.max_nonfinite_updates
         for run_dir, (_, _, longest) in zip(self.run_dirs, self.population.skip_counts(), strict=True):
             if longest >= limit:
+                dirs = " ".join(str(d) for d in self.run_dirs)
                 raise NonFiniteLossError(
                     f"{run_dir}: {longest} consecutive updates had non-finite losses or gradients (limit "
-                    f"train.max_nonfinite_updates={limit}, seen at step {self.step}); stopping. The last "
-                    f"checkpoint (step {self.last_checkpoint_step}) is intact: resume from it with smaller "
-                    f"learning rates (--set agent.critic_lr=1e-4) or check the reward scale "
-                    f"(--set env.reward_normalization=true)"
+                    f"train.max_nonfinite_updates={limit}, seen at step {self.step}); stopping. The last checkpoint "
+                    f"(step {self.last_checkpoint_step}) is intact: resume from it with smaller learning rates, "
+                    f"python -m rl_mtl.train --resume {dirs} --set agent.critic_lr=1e-4 --set agent.actor_lr=1e-4, "
+                    "or start again with rewards normalised (--set env.reward_normalization=true)"
                 )
 
     def log_training(self) -> float:
@@ -316,9 +405,12 @@ class Training:
         next goals are drawn (a resumed run then continues exactly)."""
         if not self.loggers:  # no run directories (a benchmark)
             return
-        for s, (run_dir, logger) in enumerate(zip(self.run_dirs, self.loggers, strict=True)):
+        for logger in self.loggers:
             logger.flush()
-            save_checkpoint(run_dir / CHECKPOINT_NAME, self.seed_state(s, at_boundary))
+        try:
+            save_checkpoints(self.run_dirs, lambda s: self.seed_state(s, at_boundary))
+        except OSError as err:
+            raise RunDirError(describe_write_error(err)) from err
         self.last_checkpoint_step = self.step
 
     def close(self) -> None:
@@ -326,7 +418,7 @@ class Training:
             logger.close()
         self.envs.close()
         for env in self.eval_envs:
-            env.close()
+            close_env(env)
 
     # -- one seed's checkpoint ------------------------------------------------------------------------
     def seed_state(self, s: int, at_boundary: bool = True) -> dict[str, Any]:

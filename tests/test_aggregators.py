@@ -14,7 +14,7 @@ from rl_mtl.aggregators.base import normalize_gramian
 from rl_mtl.aggregators.cagrad import cagrad_dual_weights
 from rl_mtl.aggregators.mgda import min_norm_weights
 from rl_mtl.aggregators.pcgrad import pcgrad_weights
-from rl_mtl.aggregators.reference import cagrad_cvxpy, mgda_cvxpy
+from rl_mtl.aggregators.reference import cagrad_cvxpy, cagrad_primal_cvxpy, mgda_cvxpy
 from rl_mtl.aggregators.solvers import sync_free
 
 SIZES = [2, 3, 5, 10, 20, 50]
@@ -132,6 +132,35 @@ def test_cagrad_dual_matches_cvxpy_socp(k, c):
     a, _, _ = normalize_gramian(random_gramian(k, 31, dims=3 * k))
     native, reference = cagrad_dual_weights(a, c), cagrad_cvxpy(a, c)
     assert torch.allclose(native, reference, atol=1e-4)
+
+
+CAGRAD_CASES = {  # task gradients as rows; all but the last have 0 in their hull (several optima)
+    "exactly opposite, plus a third": [[1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]],
+    "exactly opposite pair": [[1.0, 2.0], [-1.0, -2.0]],
+    "a zero task gradient": [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]],
+    "rank deficient, 0 in the hull": [[1.0, 2.0, 0.0], [-2.0, -4.0, 0.0], [3.0, 6.0, 0.0], [0.5, 0.0, 1.0]],
+    "a general position": [[1.0, 0.2, -0.3], [-0.5, 1.0, 0.1], [0.3, -0.4, 1.0]],
+}
+
+
+@pytest.mark.parametrize("c", [0.4, 0.9])
+@pytest.mark.parametrize("case", sorted(CAGRAD_CASES))
+@pytest.mark.parametrize("path", ["cpu path", "gpu path"])
+def test_cagrad_reaches_the_best_worst_task_improvement_of_its_problem(case, c, path):
+    """Against an independent solve of CAGrad's primal problem (cvxpy, no dual): the direction
+    stays in the ball and its worst task improvement is the optimum, also where the dual's
+    formula is 0/0, and with no fallback."""
+    g = torch.tensor(CAGRAD_CASES[case], dtype=torch.float64) * 3.0
+    m = g @ g.T
+    agg = make_aggregator("cagrad", c=c, rescale=0)
+    with sync_free() if path == "gpu path" else contextlib.nullcontext():
+        w = agg(m)
+    _, best = cagrad_primal_cvxpy(m, c)
+    mean = torch.full_like(w, 1 / len(w))
+    scale = float(torch.diagonal(m).mean())
+    assert float((m @ w).min()) >= best - 1e-6 * scale, f"worst improvement {float((m @ w).min())} < optimum {best}"
+    assert float((w - mean) @ m @ (w - mean)) <= c**2 * float(mean @ m @ mean) * (1 + 1e-7) + 1e-12 * scale
+    assert agg.fallbacks == 0
 
 
 def test_cagrad_direction_is_conflict_averse():
@@ -313,13 +342,21 @@ def test_unknown_option_lists_valid_options():
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [
-        ("fairgrad", {"alpha": 0}, "alpha must be a number > 0"),
-        ("cagrad", {"c": -1}, "c must be a number >= 0"),
-        ("cagrad", {"rescale": 5}, "rescale must be one of"),
+        ("fairgrad", {"alpha": 0}, "alpha must be a finite number > 0"),
+        ("fairgrad", {"alpha": float("inf")}, "alpha must be a finite number > 0, got inf"),
+        ("cagrad", {"c": -1}, "c must be a finite number >= 0"),
+        ("cagrad", {"c": float("nan")}, "c must be a finite number >= 0, got nan"),
+        (
+            "cagrad",
+            {"rescale": 5},
+            r"unknown rescale \(0 none, 1 divide by 1\+c\^2, 2 by 1\+c\) 5; choose one of: 0, 1, 2",
+        ),
         ("nashmtl", {"update_weights_every": 0}, "update_weights_every must be an integer >= 1"),
         ("nashmtl", {"solver": "ecos"}, "unknown solver 'ecos'; choose one of: newton, cvxpy"),
-        ("nashmtl", {"max_norm": -1}, "max_norm must be a number >= 0"),
-        ("nashmtl", {"powers": [1, -1]}, "powers must be a list of positive numbers"),
+        ("nashmtl", {"max_norm": -1}, r"max_norm must be a finite number >= 0 \(0 disables it\)"),
+        ("nashmtl", {"max_norm": float("nan")}, "max_norm must be a finite number >= 0"),
+        ("nashmtl", {"powers": [1, -1]}, "each of powers must be a finite number > 0, got -1"),
+        ("nashmtl", {"powers": []}, "powers must be a list of positive numbers"),
     ],
 )
 def test_bad_option_values_are_explained(method, options, message):

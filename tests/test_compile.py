@@ -16,10 +16,11 @@ from rl_mtl.runtime import resolve_compile
 from rl_mtl.train import main
 
 K, B, OBS, ACT = 4, 16, 7, 3
+TASKS = [f"task{k}" for k in range(K)]
 
 
 def _population(seeds, device, compile):
-    return Population(SAC(OBS, ACT, K, load_config("smoke").agent, "nashmtl", compile=compile), seeds, device)
+    return Population(SAC(OBS, ACT, TASKS, load_config("smoke").agent, "nashmtl", compile=compile), seeds, device)
 
 
 def _batch(seeds, device, generator):

@@ -31,13 +31,23 @@ def test_overrides_parse_yaml_values_and_reach_nested_keys():
         (["train.total_steps=abc"], "train.total_steps: expected an integer, got 'abc'"),
         (["train.total_steps=0"], r"train.total_steps must be > 0"),
         (["agent.gamma=1.5"], r"agent.gamma must be in \(0, 1\)"),
-        (["agent.architecture=moe"], "agent.architecture: unknown value 'moe'; choose one of: shared, multihead"),
+        (
+            ["agent.architecture=moe"],
+            "agent.architecture: unknown value .moe.; choose one of: shared, multihead, independent, soft_modul",
+        ),
         (["env.one_hot=maybe"], "env.one_hot: expected true or false"),
         (["env.benchmark=MT1"], "MT1 needs exactly one task name"),
         (["method_options.cagrad.alpha=1"], "method_options.cagrad: cagrad: unknown option"),
         (["method_options.nash.x=1"], "unknown method"),
         (["train.total_steps"], "--set expects key=value"),
         (["train.overlap_env=true"], r"train.overlap_env=true needs env.vector_strategy=async"),
+        # NaN and inf are refused for every number; ranges follow Meta-World and numpy
+        (["agent.actor_lr=.nan"], "agent.actor_lr: expected a finite number, got nan"),
+        (["agent.log_std_max=.inf"], "agent.log_std_max: expected a finite number, got inf"),
+        (["env.reward_norm_rate=-.inf"], "env.reward_norm_rate: expected a finite number"),
+        (["agent.target_entropy=.nan"], "agent.target_entropy: expected a finite number"),
+        (["env.max_episode_steps=600"], "Meta-World ends every episode at 500 steps"),
+        (["seed=-1"], r"seed must be in \[0, 4294967295\]"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(overrides, message):
@@ -52,7 +62,10 @@ def test_unknown_method_lists_choices():
 
 
 def test_missing_config_file_lists_presets(tmp_path):
-    with pytest.raises(ConfigError, match=r"config file 'nope.yaml' not found.*mt10, mt10-paper, mt3, smoke"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config file 'nope.yaml' not found.*mt10, mt10-care, mt10-moore, mt10-paper, mt10-sm, mt3, smoke",
+    ):
         load_config("nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2")

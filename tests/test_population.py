@@ -17,11 +17,12 @@ from rl_mtl.train import EXIT_INTERRUPTED, main, run
 from rl_mtl.training import Training, check_trainable_together
 
 K, B, OBS, ACT = 4, 16, 7, 3
+TASKS = [f"task{k}" for k in range(K)]
 CPU = torch.device("cpu")
 
 
 def _sac(method, architecture="shared"):
-    return SAC(OBS, ACT, K, load_config("smoke", [f"agent.architecture={architecture}"]).agent, method)
+    return SAC(OBS, ACT, TASKS, load_config("smoke", [f"agent.architecture={architecture}"]).agent, method)
 
 
 def _batches(num_seeds, updates, poison=None):

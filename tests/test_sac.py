@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
-from rl_mtl.agents.networks import MLP
+from rl_mtl.agents.networks import MLP, IndependentMLPs, MultiHeadMLP
 from rl_mtl.agents.optim import adam_init, adam_step
 from rl_mtl.agents.sac import TanhGaussianPolicy, TwinCritic, soft_td_target, temperature_gradient
 
@@ -37,8 +37,11 @@ def _mlp_module(shared, task, k, layers):
     return nn.Sequential(*mods[:-1])
 
 
-def _policy(per_task="head"):
-    net = MLP(OBS, 2 * ACT, [8, 8], K, per_task, "default")
+TASKS = ["a", "b", "c"]
+
+
+def _policy(network=MultiHeadMLP):
+    net = network(OBS, 0, 2 * ACT, TASKS, [8, 8], "default")
     policy = TanhGaussianPolicy(net, -5.0, 2.0)
     return policy, policy.init(torch.Generator().manual_seed(0))
 
@@ -60,8 +63,8 @@ def test_the_squashed_gaussian_log_probability_is_torch_distributions():
 
 
 def test_the_td_target_is_the_soft_bellman_backup():
-    policy, actor_params = _policy("none")
-    critic = TwinCritic(*(MLP(OBS + ACT, 1, [8, 8], K, "all", "default") for _ in range(2)))
+    policy, actor_params = _policy(MLP)
+    critic = TwinCritic(*(IndependentMLPs(OBS, ACT, 1, TASKS, [8, 8], "default") for _ in range(2)))
     target = critic.init(torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(3)
     next_obs, noise = torch.randn(K, B, OBS, generator=g), torch.randn(K, B, ACT, generator=g)

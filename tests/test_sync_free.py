@@ -13,12 +13,13 @@ from rl_mtl.buffers import Batch
 from rl_mtl.config import load_config
 
 K, B, OBS, ACT = 4, 16, 7, 3
+TASKS = [f"task{k}" for k in range(K)]
 CASES = [(method, "shared") for method in sorted(AGGREGATORS)] + [("nashmtl", "multihead"), ("ls", "independent")]
 
 
 def _population(method, architecture, seeds, device):
     agent = load_config("smoke", [f"agent.architecture={architecture}"]).agent
-    return Population(SAC(OBS, ACT, K, agent, method), seeds, device)
+    return Population(SAC(OBS, ACT, TASKS, agent, method), seeds, device)
 
 
 def _batch(seeds, device, nan_reward=False):

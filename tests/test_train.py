@@ -114,6 +114,12 @@ def test_sigterm_saves_at_the_episode_boundary_and_resume_completes(tmp_path):
 def test_existing_run_directory_is_never_overwritten(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     assert main([*SMOKE, "--run-dir", str(tmp_path)]) == 2
+    assert "never reached its first checkpoint; start it again with --resume" in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    from rl_mtl.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {"step": 100})
+    assert main([*SMOKE, "--run-dir", str(tmp_path)]) == 2
     assert "already holds a run; resume it with --resume" in capsys.readouterr().err
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
@@ -126,8 +132,7 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     (run_dir / "config.yaml").write_text("train: {total_steps: 400}\n")
     assert main(["--resume", str(run_dir), "--set", "agent.tau=0.1", "--no-progress"]) == 2
     assert "cannot resume" in (err := capsys.readouterr().err) and "agent.tau: saved 0.005, requested 0.1" in err
-    assert main(["--resume", str(run_dir), "--no-progress"]) == 2
-    assert "never reached its first checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists(), "resuming a directory that is not a run created it"
     (run_dir / CHECKPOINT_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
     assert main(["--resume", str(run_dir), "--no-progress"]) == 2
     assert "truncated or corrupted" in capsys.readouterr().err
@@ -220,7 +225,7 @@ def test_overflowing_gradient_with_finite_losses_is_skipped_even_without_a_grami
     from rl_mtl.agents import SAC, Population
     from rl_mtl.buffers import Batch
 
-    sac = SAC(5, 2, 3, load_config("smoke").agent, "ls")
+    sac = SAC(5, 2, ["a", "b", "c"], load_config("smoke").agent, "ls")
     population = Population(sac, [0, 1], torch.device("cpu"))
     batch = Batch(torch.randn(2, 3, 4, 5), torch.zeros(2, 3, 4, 2), torch.ones(2, 3, 4), torch.randn(2, 3, 4, 5),
                   torch.zeros(2, 3, 4))  # fmt: skip

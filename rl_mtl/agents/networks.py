@@ -1,30 +1,39 @@
-"""Multi-task networks: the architecture protocol, its registry, and the MLP family.
+"""Multi-task networks: the architecture protocol, its registry, and shared building blocks.
 
 A network is written for ONE task and takes its parameters explicitly:
 ``forward_one(shared, task, x)``, where ``shared`` holds the parameters every task's loss reaches
 and ``task`` holds ONE task's slice of the per-task parameters (stacked [K, ...] in the agent's
 state). The batched forward over [K, B, ...], the per-task gradients and the seed axis are all
 ``torch.func.vmap`` over that function, so an architecture is defined once and runs with every
-aggregator, several seeds and a compiled update.
+aggregator (its shared parameters get the aggregated gradient, its per-task ones their own
+task's), several seeds and a compiled update.
 
-Adding an architecture is one module with a class meeting ``Network`` plus one entry in
-``ARCHITECTURES``.
+Adding an architecture: one module with a class that has
+
+- ``__init__(obs_dim, extra_dim, out_dim, tasks, hidden_sizes, init, **options)``: ``x`` is
+  [obs, extra] (extra: the action, for a critic; nothing for the policy), ``tasks`` the task names
+  in order, ``init`` "default" (the architecture's published initialisation) or "xavier"; the
+  keyword options are ``agent.architecture_options.<name>``, checked in ``__init__`` (raise
+  ValueError saying what is wrong);
+- ``init(generator) -> (shared, per_task)`` and ``forward_one(shared, task, x) -> out``;
+- ``describe() -> dict``: what ``run.json`` should record beyond the options (or ``{}``);
+
+and one line in ``ARCHITECTURES`` below.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+import inspect
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from ..config import AgentConfig
-
-Params = dict[str, Tensor]
+from .care import CARE
+from .layers import Params, init_linear
+from .moore import MOORE
+from .soft_modularization import SoftModularization
 
 
 class Network(Protocol):
@@ -35,46 +44,35 @@ class Network(Protocol):
         ...
 
     def forward_one(self, shared: Params, task: Params, x: Tensor) -> Tensor:
-        """One task: x [..., in_dim] -> [..., out_dim]."""
+        """One task: x [..., obs_dim + extra_dim] -> [..., out_dim]."""
         ...
 
-
-def init_linear(out_dim: int, in_dim: int, scheme: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """One [out, in] layer: PyTorch's nn.Linear default, or Xavier-uniform weights and zero biases."""
-    weight, bias = torch.empty(out_dim, in_dim), torch.empty(out_dim)
-    if scheme == "xavier":
-        bound = math.sqrt(6.0 / (in_dim + out_dim))
-        weight.uniform_(-bound, bound, generator=generator)
-        bias.zero_()
-    else:  # kaiming_uniform(a=sqrt(5)), as nn.Linear: both bounds are 1 / sqrt(fan_in)
-        bound = 1.0 / math.sqrt(in_dim)
-        weight.uniform_(-bound, bound, generator=generator)
-        bias.uniform_(-bound, bound, generator=generator)
-    return weight, bias
+    def describe(self) -> dict[str, Any]: ...
 
 
 class MLP:
     """ReLU MLP for K tasks. ``per_task``: "none" (all layers shared), "head" (the last layer per
     task: a multi-head network) or "all" (every layer per task: independent networks)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_sizes: list[int], num_tasks: int, per_task: str,
+    per_task = "none"
+
+    def __init__(self, obs_dim: int, extra_dim: int, out_dim: int, tasks: list[str], hidden_sizes: list[int],
                  init: str) -> None:  # fmt: skip
-        self.dims = [in_dim, *hidden_sizes, out_dim]
-        self.num_tasks, self.init_scheme = num_tasks, init
+        self.dims = [obs_dim + extra_dim, *hidden_sizes, out_dim]
+        self.num_tasks, self.init_scheme = len(tasks), init
         last = len(self.dims) - 2
-        self.task_layers = {i for i in range(last + 1) if per_task == "all" or (per_task == "head" and i == last)}
+        self.task_layers = {
+            i for i in range(last + 1) if self.per_task == "all" or (self.per_task == "head" and i == last)
+        }
 
     def init(self, generator: torch.Generator) -> tuple[Params, Params]:
         shared: Params = {}
         task: Params = {}
         for layer, (d_in, d_out) in enumerate(zip(self.dims[:-1], self.dims[1:], strict=True)):
-            copies = self.num_tasks if layer in self.task_layers else 1
-            drawn = [init_linear(d_out, d_in, self.init_scheme, generator) for _ in range(copies)]
-            weight, bias = torch.stack([w for w, _ in drawn]), torch.stack([b for _, b in drawn])
-            if layer in self.task_layers:
-                task[f"weight{layer}"], task[f"bias{layer}"] = weight, bias
-            else:
-                shared[f"weight{layer}"], shared[f"bias{layer}"] = weight[0], bias[0]
+            stacked = layer in self.task_layers
+            weight, bias = init_linear(d_out, d_in, self.init_scheme, generator, self.num_tasks if stacked else None)
+            target = task if stacked else shared
+            target[f"weight{layer}"], target[f"bias{layer}"] = weight, bias
         return shared, task
 
     def forward_one(self, shared: Params, task: Params, x: Tensor) -> Tensor:
@@ -86,15 +84,39 @@ class MLP:
                 x = F.relu(x)
         return x
 
-
-def _mlp(per_task: str) -> Callable[[int, int, int, AgentConfig], Network]:
-    return lambda in_dim, out_dim, num_tasks, cfg: MLP(in_dim, out_dim, list(cfg.hidden_sizes), num_tasks, per_task,
-                                                       cfg.init)  # fmt: skip
+    def describe(self) -> dict[str, Any]:
+        return {}
 
 
-# name -> how to build one network of it: (in_dim, out_dim, number of tasks, the agent's config)
-ARCHITECTURES: dict[str, Callable[[int, int, int, AgentConfig], Network]] = {
-    "shared": _mlp("none"),  # one network for all tasks ("MTL SAC"; with the task one-hot: "+ TE")
-    "multihead": _mlp("head"),  # a shared trunk, one output layer per task
-    "independent": _mlp("all"),  # one network per task: the single-task reference
+class MultiHeadMLP(MLP):
+    per_task = "head"
+
+
+class IndependentMLPs(MLP):
+    per_task = "all"
+
+
+ARCHITECTURES: dict[str, type] = {
+    "shared": MLP,  # one network for all tasks ("MTL SAC"; with the task one-hot: "+ TE")
+    "multihead": MultiHeadMLP,  # a shared trunk, one output layer per task
+    "independent": IndependentMLPs,  # one network per task: the single-task reference
+    "soft_modularization": SoftModularization,  # Yang et al., NeurIPS 2020
+    "care": CARE,  # Sodhani et al., ICML 2021
+    "moore": MOORE,  # Hendawy et al., ICLR 2024
 }
+
+
+def valid_options(name: str) -> list[str]:
+    """The option names an architecture takes (``agent.architecture_options.<name>``)."""
+    fixed = {"self", "obs_dim", "extra_dim", "out_dim", "tasks", "hidden_sizes", "init"}
+    return [p for p in inspect.signature(ARCHITECTURES[name].__init__).parameters if p not in fixed]
+
+
+def make_network(name: str, obs_dim: int, extra_dim: int, out_dim: int, tasks: list[str], hidden_sizes: list[int],
+                 init: str, options: dict[str, Any]) -> Network:  # fmt: skip
+    """Build a network of architecture ``name``; unknown or bad options raise ValueError."""
+    unknown = sorted(set(options) - set(valid_options(name)))
+    if unknown:
+        valid = ", ".join(valid_options(name)) or "none"
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    return ARCHITECTURES[name](obs_dim, extra_dim, out_dim, tasks, hidden_sizes, init, **options)

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_map
 from ..aggregators import Aggregator, aggregate, make_aggregator
 from ..buffers import Batch
 from ..gradients import TaskGradients, over_seeds, task_gradient_fields
-from .networks import ARCHITECTURES, Network, Params
+from .networks import Network, Params, make_network
 from .optim import adam_init, adam_step, paired_leaves
 
 if TYPE_CHECKING:
@@ -212,19 +212,23 @@ class SAC:
         self,
         obs_dim: int,
         action_dim: int,
-        num_tasks: int,
+        tasks: list[str],
         cfg: AgentConfig,
         method: str,
         method_options: dict[str, Any] | None = None,
         compile: bool = False,
     ) -> None:
-        """``compile``: run the update's batched passes through ``torch.compile`` (train.compile)."""
-        self.cfg, self.num_tasks, self.action_dim = cfg, num_tasks, action_dim
-        build = ARCHITECTURES[cfg.architecture]
-        self.actor = TanhGaussianPolicy(build(obs_dim, 2 * action_dim, num_tasks, cfg), cfg.log_std_min,
-                                        cfg.log_std_max)  # fmt: skip
-        critic_in = obs_dim + action_dim
-        self.critic = TwinCritic(build(critic_in, 1, num_tasks, cfg), build(critic_in, 1, num_tasks, cfg))
+        """``tasks``: the task names, in order. ``compile``: run the update's batched passes through
+        ``torch.compile`` (train.compile). Bad architecture options raise ValueError."""
+        self.cfg, self.tasks, self.num_tasks, self.action_dim = cfg, list(tasks), len(tasks), action_dim
+        options = cfg.architecture_options.get(cfg.architecture, {})
+
+        def network(extra_dim: int, out_dim: int) -> Network:
+            return make_network(cfg.architecture, obs_dim, extra_dim, out_dim, self.tasks, list(cfg.hidden_sizes),
+                                cfg.init, options)  # fmt: skip
+
+        self.actor = TanhGaussianPolicy(network(0, 2 * action_dim), cfg.log_std_min, cfg.log_std_max)
+        self.critic = TwinCritic(network(action_dim, 1), network(action_dim, 1))
         self.aggregator: Aggregator = make_aggregator(method, **(method_options or {}))
         self.shared_temperature = cfg.temperature == "shared"
         self.target_entropy = -float(action_dim) if cfg.target_entropy is None else float(cfg.target_entropy)
@@ -236,6 +240,11 @@ class SAC:
         self.actor_pass = maybe_compile(
             over_seeds(functools.partial(actor_gradients, self.actor, self.critic)), compile
         )
+
+    def describe(self) -> dict[str, Any]:
+        """The networks, for run.json: architecture, options, and what the architecture adds."""
+        options = self.cfg.architecture_options.get(self.cfg.architecture, {})
+        return {"architecture": self.cfg.architecture, "options": options, **self.actor.net.describe()}
 
     # -- state ----------------------------------------------------------------------------------
     def init_state(self, seed: int) -> State:

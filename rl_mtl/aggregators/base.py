@@ -15,6 +15,8 @@ degenerate cases are handled with ``torch.where`` and counted in the state's ``f
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +31,24 @@ State = dict[str, Tensor]
 
 class AggregatorError(ValueError):
     """A bad aggregator name, option value or input, with a message that says how to fix it."""
+
+
+def check_option(method: str, name: str, value: Any, minimum: float, strict: bool = False, integer: bool = False,
+                 note: str = "") -> None:  # fmt: skip
+    """Refuse an option that is not a finite number (an integer, if ``integer``) >= ``minimum``
+    (> with ``strict``), saying so."""
+    number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = number and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > minimum if strict else value >= minimum)):
+        kind = "an integer" if integer else "a finite number"
+        raise AggregatorError(
+            f"{method}: {name} must be {kind} {'>' if strict else '>='} {minimum:g}{note}, got {value!r}"
+        )
+
+
+def check_choice(method: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise AggregatorError(f"{method}: unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
 
 
 def check_gramian(gramian: Tensor, losses: Tensor | None) -> int:

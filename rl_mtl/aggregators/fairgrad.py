@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Aggregator, AggregatorError, normalize_gramian
+from .base import Aggregator, check_choice, check_option, normalize_gramian
 from .nashmtl import EXISTENCE_TOL
 from .solvers import fair_residual, fair_weights
 
@@ -28,10 +28,8 @@ class FairGrad(Aggregator):
     name = "fairgrad"
 
     def __init__(self, alpha: float = 2.0, solver: str = "newton") -> None:
-        if not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise AggregatorError(f"fairgrad: alpha must be a number > 0, got {alpha!r}")
-        if solver not in SOLVERS:
-            raise AggregatorError(f"fairgrad: unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+        check_option("fairgrad", "alpha", alpha, 0, strict=True)
+        check_choice("fairgrad", "solver", solver, SOLVERS)
         self.alpha = float(alpha)
         self.solver = solver
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import Aggregator, normalize_gramian
-from .solvers import simplex_minimize
+from .solvers import barrier_minimize
 
 
 def min_norm_weights(a: Tensor) -> Tensor:
@@ -18,7 +19,7 @@ def min_norm_weights(a: Tensor) -> Tensor:
     def grad_hess(w: Tensor) -> tuple[Tensor, Tensor]:
         return a @ w, a
 
-    return simplex_minimize(value, grad_hess, k, like=a)
+    return barrier_minimize(value, grad_hess, torch.full((k,), 1.0 / k, dtype=a.dtype, device=a.device))
 
 
 class MGDA(Aggregator):

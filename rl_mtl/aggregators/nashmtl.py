@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Aggregator, AggregatorError, State, normalize_gramian
+from .base import Aggregator, AggregatorError, State, check_choice, check_option, normalize_gramian
 from .solvers import fair_residual, fair_weights
 
 SOLVERS = ("newton", "cvxpy")
@@ -49,18 +49,15 @@ class NashMTL(Aggregator):
         powers: list[float] | None = None,
         optim_niter: int = 20,
     ) -> None:
-        if not isinstance(update_weights_every, int) or update_weights_every < 1:
-            raise AggregatorError(
-                f"nashmtl: update_weights_every must be an integer >= 1, got {update_weights_every!r}"
-            )
-        if solver not in SOLVERS:
-            raise AggregatorError(f"nashmtl: unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
-        if not isinstance(max_norm, (int, float)) or max_norm < 0:
-            raise AggregatorError(f"nashmtl: max_norm must be a number >= 0 (0 disables it), got {max_norm!r}")
-        if powers is not None and (len(powers) == 0 or any(not (float(q) > 0) for q in powers)):
-            raise AggregatorError(f"nashmtl: powers must be a list of positive numbers, got {powers!r}")
-        if not isinstance(optim_niter, int) or optim_niter < 1:
-            raise AggregatorError(f"nashmtl: optim_niter must be an integer >= 1, got {optim_niter!r}")
+        check_option("nashmtl", "update_weights_every", update_weights_every, 1, integer=True)
+        check_choice("nashmtl", "solver", solver, SOLVERS)
+        check_option("nashmtl", "max_norm", max_norm, 0, note=" (0 disables it)")
+        if powers is not None:
+            if not isinstance(powers, list) or not powers:
+                raise AggregatorError(f"nashmtl: powers must be a list of positive numbers, got {powers!r}")
+            for q in powers:
+                check_option("nashmtl", "each of powers", q, 0, strict=True)
+        check_option("nashmtl", "optim_niter", optim_niter, 1, integer=True)
         if solver == "cvxpy":
             from .reference import require_conic_solver
 

@@ -168,3 +168,21 @@ def cagrad_cvxpy(a: Tensor, c: float) -> Tensor:
     problem = cp.Problem(cp.Minimize((gram @ mean) @ w + radius * cp.norm(root @ w, 2)), [w >= 0, cp.sum(w) == 1])
     _solve(problem)
     return torch.as_tensor(w.value, dtype=a.dtype).to(a.device)
+
+
+def cagrad_primal_cvxpy(a: Tensor, c: float) -> tuple[Tensor, float]:
+    """CAGrad's problem as stated, with no dual: the weights v of d = G^T v that maximise the worst
+    task improvement min_i g_i . d = min_i (A v)_i within |d - g_0| <= c |g_0|, as an SOCP over
+    (v, t). Returns (v, the best worst improvement). Where the optimum is not unique (the hull of
+    the gradients holds 0) the solver's v is one of many; the value is what to compare."""
+    import cvxpy as cp
+
+    gram = _to_numpy(a)
+    k = gram.shape[0]
+    mean = np.ones(k) / k
+    radius = c * np.sqrt(max(mean @ gram @ mean, 0.0))
+    v, t = cp.Variable(k), cp.Variable()
+    root = _gram_root(gram)
+    problem = cp.Problem(cp.Maximize(t), [gram @ v >= t, cp.norm(root @ (v - mean), 2) <= radius])
+    _solve(problem)
+    return torch.as_tensor(v.value, dtype=a.dtype).to(a.device), float(t.value)

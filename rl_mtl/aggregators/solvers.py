@@ -156,25 +156,26 @@ def fair_residual(a: Tensor, w: Tensor, alpha: float, powers: Tensor | None = No
     return ((a @ w) * w.pow(1.0 / alpha) / p - 1.0).abs().max()
 
 
-def simplex_minimize(
+def barrier_minimize(
     value: Callable[[Tensor], Tensor],
     grad_hess: Callable[[Tensor], tuple[Tensor, Tensor]],
-    k: int,
-    like: Tensor,
+    start: Tensor,
+    simplex: bool = True,
     t_start: float = 1.0,
     t_factor: float = 10.0,
     t_final: float = 1e14,
     newton_per_t: int = 4,
 ) -> Tensor:
-    """Minimise a smooth convex F over the probability simplex with a log-barrier method.
+    """Minimise a smooth convex F over the probability simplex (``simplex``) or the positive
+    orthant with a log-barrier method, from the feasible point ``start``.
 
-    Follows the central path of t F(w) - sum_i log w_i subject to sum w = 1, multiplying t by
-    ``t_factor`` after ``newton_per_t`` equality-constrained Newton steps. At t the duality gap
-    is at most K / t, so the default schedule ends with a gap below 1e-12 for K <= 100.
+    Follows the central path of t F(w) - sum_i log w_i (subject to sum w = 1 on the simplex),
+    multiplying t by ``t_factor`` after ``newton_per_t`` Newton steps. At t the duality gap is
+    at most K / t, so the default schedule ends with a gap below 1e-12 for K <= 100.
     ``value`` takes a batch [..., K]; ``grad_hess`` one point [K].
     """
-    w = torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)
-    ones = torch.ones(k, dtype=like.dtype, device=like.device)
+    w = start
+    ones = torch.ones_like(w)
     read_back = may_read_back(w)
     steps = _trial_steps(w)
     t = t_start
@@ -188,11 +189,13 @@ def simplex_minimize(
             g, h = grad_hess(w)
             g = tt * g - 1.0 / w
             h = tt * h + torch.diag(1.0 / (w * w))
-            # Newton step on the plane sum(dw) = 0: dw = -H^-1 (g + nu 1), nu from 1^T dw = 0.
-            sol = torch.linalg.solve_ex(h, torch.stack([g, ones], dim=1))[0]
-            nu = -sol[:, 0].sum() / sol[:, 1].sum()
-            dw = -(sol[:, 0] + nu * sol[:, 1])
-            dw = dw - dw.mean()  # remove rounding drift off the plane
+            if simplex:  # on the plane sum(dw) = 0: dw = -H^-1 (g + nu 1), nu from 1^T dw = 0
+                sol = torch.linalg.solve_ex(h, torch.stack([g, ones], dim=1))[0]
+                nu = -sol[:, 0].sum() / sol[:, 1].sum()
+                dw = -(sol[:, 0] + nu * sol[:, 1])
+                dw = dw - dw.mean()  # remove rounding drift off the plane
+            else:
+                dw = -torch.linalg.solve_ex(h, g)[0]
             slope = g @ dw  # -lambda^2: the Newton decrement of the barrier problem
             w = torch.addcmul(w, _line_search(barrier_value, w, dw, slope, steps), dw)
             if read_back and bool(slope > -1e-12):

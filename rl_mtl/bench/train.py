@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..agents.networks import ARCHITECTURES
+from ..aggregators import METHODS
 from ..aggregators.solvers import sync_free
 from ..config import ConfigError, load_config
 from ..envs import VectorEnvRunner, make_vector_env, task_names
@@ -33,7 +35,9 @@ PROTOCOL_STEPS, PROTOCOL_SEEDS = 2_000_000, 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="mt10", help="config file or preset (default: mt10, the real networks)")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
+    parser.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES),
+                        help="time every method on each of these architectures (default: the config's)")  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=200, help="vector steps per timed block (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed blocks per method (median)")
@@ -107,16 +111,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--seeds must be >= 1")
     seeds = list(range(args.seeds))
     base = load_config(config, overrides, device=args.device)
+    architectures = args.architectures or [base.agent.architecture]
     tasks = task_names(base.env)
-    envs = [make_vector_env(base.env, seed) for seed in seeds]  # one per seed, shared by the methods
-    variants = [False, True] if args.compare_compile else [None]  # train.compile; None: as configured
-    trainings: dict[str, Training] = {}
-    for method, compiled in itertools.product(args.methods, variants):
-        label = method + ("+compile" if compiled else "")
-        switch = [] if compiled is None else [f"train.compile={str(compiled).lower()}"]
+    envs = [make_vector_env(base.env, seed) for seed in seeds]  # one per seed, shared by every variant
+    compiles = [False, True] if args.compare_compile else [None]  # train.compile; None: as configured
+    trainings: dict[tuple[str, str, bool | None], Training] = {}
+    for variant in itertools.product(architectures, args.methods, compiles):
+        architecture, method, compiled = variant
+        switch = [f"agent.architecture={architecture}"] + ([] if compiled is None else
+                                                           [f"train.compile={str(compiled).lower()}"])  # fmt: skip
         runs = [(load_config(config, [*overrides, *switch], device=args.device, method=method, seed=seed),
                  Path("unused"), None) for seed in seeds]  # fmt: skip
-        trainings[label] = Training(runs, envs=envs, eval_envs=envs, log=False)
+        trainings[variant] = Training(runs, envs=envs, eval_envs=envs, log=False)
     lead = next(iter(trainings.values()))
     device = lead.device
     compile_note = "both" if args.compare_compile else lead.compiled
@@ -127,56 +133,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env_sps = env_only_throughput(envs, len(tasks), steps, rounds, base.seed)
 
     kernels = {}
-    for label, training in trainings.items():  # random-action warm-up fills each replay buffer
+    for variant, training in trainings.items():  # random-action warm-up fills each replay buffer
         train_steps(training, warmup)
         training.learn(diagnostics=False)  # first-call overheads (and compiling) out of the timings
-        kernels[label] = kernels_per_update(training)
-    update_ms: dict[str, list[float]] = {m: [] for m in trainings}
-    train_sps: dict[str, list[float]] = {m: [] for m in trainings}
-    for _ in range(rounds):  # interleaved: a noisy neighbour slows every method alike
-        for label, training in trainings.items():
+        kernels[variant] = kernels_per_update(training)
+    update_ms: dict[tuple, list[float]] = {v: [] for v in trainings}
+    train_sps: dict[tuple, list[float]] = {v: [] for v in trainings}
+    for _ in range(rounds):  # interleaved: a noisy neighbour slows every variant alike
+        for variant, training in trainings.items():
             sync(device)
             start = time.perf_counter()
             for _ in range(steps):
                 training.learn(diagnostics=False)
             sync(device)
-            update_ms[label].append((time.perf_counter() - start) / steps * 1e3)
-        for label, training in trainings.items():
+            update_ms[variant].append((time.perf_counter() - start) / steps * 1e3)
+        for variant, training in trainings.items():
             sync(device)
             start = time.perf_counter()
             train_steps(training, steps)
             sync(device)
-            train_sps[label].append(steps / (time.perf_counter() - start))
+            train_sps[variant].append(steps / (time.perf_counter() - start))
     for env in envs:
         env.close()
 
     batches = math.ceil(PROTOCOL_SEEDS / len(seeds))  # seed batches run one after another
+    update = {v: statistics.median(times) for v, times in update_ms.items()}
     rows = []
-    for label, training in trainings.items():
-        method, compiled = training.cfg.method, training.compiled
-        upd, sps = statistics.median(update_ms[label]), statistics.median(train_sps[label])
-        ls_label = "ls+compile" if args.compare_compile and compiled else "ls"  # ls of the same variant
-        ls_update = statistics.median(update_ms[ls_label]) if ls_label in update_ms else None
-        eager = update_ms.get(method) if compiled and args.compare_compile else None
+    for (architecture, method, compiled), training in trainings.items():
+        ls = (architecture, "ls", compiled)  # ls of the same architecture and compile switch
+        eager = (architecture, method, False) if args.compare_compile and compiled else None
+        upd, sps = (
+            update[(architecture, method, compiled)],
+            statistics.median(train_sps[(architecture, method, compiled)]),
+        )
+        count = kernels[(architecture, method, compiled)]
         rows.append({
-            "method": method, "compiled": compiled, "update_ms": upd,
-            "update_over_ls": None if ls_update is None else upd / ls_update,
-            "kernels_per_update": kernels[label],
-            "kernels_over_ls": kernels[label] / kernels[ls_label] if ls_label in kernels else None,
-            "update_over_eager": None if eager is None else upd / statistics.median(eager),
+            "architecture": architecture, "method": method, "compiled": training.compiled, "update_ms": upd,
+            "update_over_ls": upd / update[ls] if ls in update else None, "kernels_per_update": count,
+            "kernels_over_ls": count / kernels[ls] if ls in kernels else None,
+            "update_over_eager": upd / update[eager] if eager else None,
             "train_steps_per_s": sps, "train_over_env_only": sps / env_sps,
             "protocol_hours_10_seeds": batches * PROTOCOL_STEPS / sps / 3600,
         })  # fmt: skip
     env_steps = env_sps * len(tasks) * len(seeds)
     print(f"\nenv-only (random actions): {env_sps:.1f} vector steps/s ({env_steps:.0f} env steps/s)")
     plan = "one after another" if len(seeds) == 1 else f"{batches} batch(es) of {len(seeds)}"
-    print(f"\n{'method':<18} {'update ms':>10} {'/ ls':>7} {'/ eager':>8} {'kernels':>8} {'/ ls':>6} "
+    width = max(18, *(len(r["architecture"]) + len(r["method"]) + 14 for r in rows))
+    print(f"\n{'variant':<{width}} {'update ms':>10} {'/ ls':>7} {'/ eager':>8} {'kernels':>8} {'/ ls':>6} "
           f"{'train steps/s':>14} {'/ env-only':>11} {'10 seeds x 2M, ' + plan:>34}")  # fmt: skip
     for r in rows:
         keys = ("update_over_ls", "update_over_eager", "kernels_over_ls")
         ratios = ["-" if r[key] is None else f"{r[key]:.2f}x" for key in keys]
-        label = r["method"] + (" (compiled)" if r["compiled"] else "")
-        print(f"{label:<18} {r['update_ms']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {r['kernels_per_update']:>8} "
+        label = r["method"] + (f" [{r['architecture']}]" if len(architectures) > 1 else "")
+        label += " (compiled)" if r["compiled"] else ""
+        print(f"{label:<{width}} {r['update_ms']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {r['kernels_per_update']:>8} "
               f"{ratios[2]:>6} {r['train_steps_per_s']:>14.1f} {r['train_over_env_only']:>10.2f}x "
               f"{r['protocol_hours_10_seeds']:>31.1f} h")  # fmt: skip
     print(

@@ -112,8 +112,15 @@ def env_checkpoint(env: Any) -> list[dict[str, Any]]:
             data = pickle.loads(base64.b64decode(task["data"]))  # made by Meta-World in this process
             data.pop("env_cls")
             tasks.append({"env_name": task["env_name"], **data})
+            if set(tasks[-1]) != TASK_FIELDS:
+                fields = sorted(tasks[-1])
+                raise EnvError(f"Meta-World's goal of {task['env_name']} has fields {fields}; this rl-mtl saves only "
+                               f"{sorted(TASK_FIELDS)}")  # fmt: skip
         saved.append({**checkpoint, "env_id": env_id, "tasks": tasks})
     return saved
+
+
+TASK_FIELDS = {"env_name", "rand_vec", "partially_observable"}  # what a Meta-World goal holds (besides its class)
 
 
 def load_env_checkpoint(env: Any, saved: list[dict[str, Any]]) -> None:
@@ -124,12 +131,16 @@ def load_env_checkpoint(env: Any, saved: list[dict[str, Any]]) -> None:
     for checkpoint in saved:
         tasks = []
         for task in checkpoint["tasks"]:
-            name = task["env_name"]
+            name = task.get("env_name")
             if name not in env_dict.ALL_V3_ENVIRONMENTS:
                 raise EnvError(f"the saved environment state names an unknown Meta-World task {name!r}")
-            data = {k: (np.asarray(v, dtype=np.float64) if k == "rand_vec" else v) for k, v in task.items()
-                    if k != "env_name"}  # fmt: skip
-            data["env_cls"] = env_dict.ALL_V3_ENVIRONMENTS[name]
+            if set(task) != TASK_FIELDS or not isinstance(task["partially_observable"], bool):
+                raise EnvError(f"the saved goal of {name} has fields {sorted(task)}; expected {sorted(TASK_FIELDS)}")
+            data = {
+                "rand_vec": np.asarray(task["rand_vec"], dtype=np.float64),
+                "partially_observable": task["partially_observable"],
+                "env_cls": env_dict.ALL_V3_ENVIRONMENTS[name],
+            }
             tasks.append({"env_name": name, "data": base64.b64encode(pickle.dumps(data)).decode("ascii")})
         fields = {k: v for k, v in checkpoint.items() if k != "env_id"}
         checkpoints.append((checkpoint["env_id"], {**fields, "tasks": tasks}))
@@ -233,13 +244,29 @@ class VectorEnvRunner:
         self.episode_length[done] = 0
 
 
+# How a dead async worker (killed, crashed, out of memory) shows in its pipe
+WORKER_DIED = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
+def worker_died(err: Exception) -> EnvError:
+    return EnvError(
+        f"an environment worker process died ({type(err).__name__}: {err}); nothing was saved since the last "
+        "checkpoint: resume the run from it with --resume"
+    )
+
+
 class PopulationEnvs:
     """The training envs of a population: one vector env per seed (one sub-env per task, seeded
     as that seed alone), stepped together. Every seed's env is sent its actions before any is
     waited on, so async envs step in parallel (and while the update runs)."""
 
     def __init__(self, envs: list[Any], num_tasks: int) -> None:
+        self.num_tasks = num_tasks
         self.runners = [VectorEnvRunner(env, num_tasks) for env in envs]
+
+    def add(self, env: Any) -> None:
+        """One more seed's vector env."""
+        self.runners.append(VectorEnvRunner(env, self.num_tasks))
 
     @property
     def obs(self) -> np.ndarray:
@@ -255,23 +282,48 @@ class PopulationEnvs:
 
     def step_async(self, action: np.ndarray) -> None:
         """Start every seed's step: action [S, K, A]."""
-        for runner, seed_action in zip(self.runners, action, strict=True):
-            runner.step_async(seed_action)
+        try:
+            for runner, seed_action in zip(self.runners, action, strict=True):
+                runner.step_async(seed_action)
+        except WORKER_DIED as err:
+            raise worker_died(err) from err
 
     def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(next_obs [S, K, obs_dim], reward [S, K], terminated [S, K], truncated [S, K])."""
-        steps = [runner.step_wait() for runner in self.runners]
+        try:
+            steps = [runner.step_wait() for runner in self.runners]
+        except WORKER_DIED as err:
+            raise worker_died(err) from err
         return tuple(np.stack(field) for field in zip(*steps, strict=True))  # type: ignore[return-value]
 
     def reset_finished(self, done: np.ndarray) -> np.ndarray:
         """Reset every seed's finished sub-envs (done [S, K]); returns the observations [S, K, obs_dim]."""
-        for runner, seed_done in zip(self.runners, done, strict=True):
-            runner.reset_finished(seed_done)
+        try:
+            for runner, seed_done in zip(self.runners, done, strict=True):
+                runner.reset_finished(seed_done)
+        except WORKER_DIED as err:
+            raise worker_died(err) from err
         return self.obs
 
     def close(self) -> None:
         for runner in self.runners:
-            runner.env.close()
+            close_env(runner.env)
+
+
+def close_env(env: Any) -> None:
+    """Close a vector env, also an async one a worker of which died in the middle of a step
+    (gymnasium's close would wait for that step: the other workers are ended here instead)."""
+    try:
+        env.close()
+    except (*WORKER_DIED, OSError):
+        for process in env.processes:
+            if process.is_alive():
+                process.terminate()
+        for pipe in env.parent_pipes:
+            pipe.close()
+        for process in env.processes:
+            process.join()
+        env.closed = True
 
 
 def run_evaluations(envs: list[Any], policy: Any, episodes: int, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
