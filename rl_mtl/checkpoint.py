@@ -201,13 +201,11 @@ def saved_steps(run_dir: Path) -> dict[int, Path]:
 
 def resume_points(run_dirs: list[Path]) -> tuple[int, list[Path]] | None:
     """The latest step at which every one of ``run_dirs`` has a checkpoint, and those files;
-    None when none of them has one. Seeds trained together always have such a step."""
+    None when one of them has none (the population was stopped before, or while, it wrote its
+    first set: they all start again). Seeds trained together always have such a step."""
     saved = [saved_steps(run_dir) for run_dir in run_dirs]
-    if not any(saved):
-        return None
     if not all(saved):
-        never = ", ".join(str(d) for d, steps in zip(run_dirs, saved, strict=True) if not steps)
-        raise CheckpointError(f"{never} never reached a checkpoint, unlike the others; resume it on its own")
+        return None
     common = set.intersection(*(set(steps) for steps in saved))
     if not common:
         listed = "; ".join(

@@ -48,6 +48,7 @@ class Summary:
     best: np.ndarray  # [seeds, tasks]
     final_steps: list[int]
     episodes_per_task: float | None
+    main_task: str | None = None  # the task a method optimises for (AuxiNash's main_task): reported first
 
     def task_row(self, j: int) -> dict[str, Any]:
         final_mean, final_sem = mean_sem(self.final[:, j])
@@ -94,9 +95,9 @@ def summarize(group: Group, notes: list[str]) -> Summary | None:
                      "are compared at a smaller budget")  # fmt: skip
     episodes = usable[0].evals[-1].get("eval/episodes_per_task")
     experiment = experiment_key(group.config)
-    return Summary(
-        group.label, experiment, tasks, [r.seed for r in usable], np.array(finals), np.array(bests), steps, episodes
-    )
+    main_task = ((group.config.get("method_options") or {}).get(group.method) or {}).get("main_task")
+    return Summary(group.label, experiment, tasks, [r.seed for r in usable], np.array(finals), np.array(bests), steps,
+                   episodes, main_task if main_task in tasks else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +163,9 @@ def build_report(summaries: list[Summary]) -> tuple[list[tuple[str, list[str], l
     for s in summaries:
         summary_rows = experiments.setdefault(s.experiment, [])
         rows = [s.task_row(j) for j in range(len(s.tasks))]
+        main = None if s.main_task is None else rows.pop(s.tasks.index(s.main_task))
+        if main is not None:  # what the method optimises for, first
+            rows.insert(0, {**main, "task": f"{main['task']} (main task)"})
         mean = s.mean_row()
         episodes = "" if s.episodes_per_task is None else f", {s.episodes_per_task:g} evaluation episode(s) per task"
         title = f"{s.label}: {len(s.seeds)} seed(s) ({', '.join(map(str, s.seeds))}){episodes}"
@@ -175,9 +179,14 @@ def build_report(summaries: list[Summary]) -> tuple[list[tuple[str, list[str], l
         )
         worst = f"{mean['worst_task']} ({mean['worst_task_final_mean']:.3f})"
         final, best = _pm(mean["final_mean"], mean["final_sem"]), _pm(mean["best_mean"], mean["best_sem"])
-        summary_rows.append([s.label, final, best, _ci(mean), worst, str(len(s.seeds))])
+        label = (
+            s.label
+            if main is None
+            else f"{s.label} (main task {s.main_task}: final {_pm(main['final_mean'], main['final_sem'])})"
+        )
+        summary_rows.append([label, final, best, _ci(mean), worst, str(len(s.seeds))])
         data["groups"].append({"label": s.label, "seeds": s.seeds, "final_steps": s.final_steps, "tasks": rows,
-                               "mean": mean})  # fmt: skip
+                               "mean": mean, "main_task": main})  # fmt: skip
     for i, rows in enumerate(experiments.values(), 1):
         which = f", experiment config {i} of {len(experiments)}" if len(experiments) > 1 else ""
         tables.append((f"Summary (rows = methods; success over tasks{which})", SUMMARY_HEADER, rows))

@@ -22,8 +22,16 @@ import yaml
 from torch import Tensor
 
 from .agents import SAC, NonFiniteLossError, Population, to_host
+from .aggregators import AggregatorError
 from .buffers import ReplayBuffer
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, make_current, resume_points, save_checkpoints
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    make_current,
+    resume_points,
+    save_checkpoints,
+)
 from .config import (
     RESUMABLE_KEYS,
     Config,
@@ -245,6 +253,8 @@ class Training:
         try:  # the networks' options are checked with this run's tasks here (a context file's rows)
             self.sac = SAC(obs_dim, action_dim, self.tasks, cfg.agent, cfg.method, options, compile=self.compiled)
             self.population = Population(self.sac, seeds, self.device)
+        except AggregatorError as err:  # an option that names tasks (AuxiNash's main_task)
+            raise ConfigError(f"method_options.{cfg.method}: {err}") from err
         except ValueError as err:
             raise ConfigError(f"agent.architecture_options.{cfg.agent.architecture}: {err}") from err
         capacity = cfg.train.buffer_capacity_per_task
@@ -322,11 +332,16 @@ class Training:
         return next_obs, done
 
     def learn(self, diagnostics: bool) -> None:
-        """``train.updates_per_step`` updates of every seed; the last one logs diagnostics if asked."""
-        t = self.cfg.train
+        """``train.updates_per_step`` updates of every seed; the last one logs diagnostics if asked.
+        A method that learns from a main task gets a second, held-out batch every
+        ``update_powers_every`` updates (counted from the step, so a resumed run keeps the rhythm)."""
+        t, agg = self.cfg.train, self.sac.aggregator
         for i in range(t.updates_per_step):
             batch = self.replay.sample(t.batch_size_per_task)
-            self.sums.add(self.population.update(batch, diagnostics and i == t.updates_per_step - 1))
+            index = (self.step - t.warmup_steps) * t.updates_per_step + i
+            held_out = agg.learns_powers and (index + 1) % agg.update_powers_every == 0
+            validation = self.replay.sample(t.batch_size_per_task) if held_out else None
+            self.sums.add(self.population.update(batch, diagnostics and i == t.updates_per_step - 1, validation))
 
     def check_skipped_updates(self) -> None:
         """Stop once any seed skipped ``train.max_nonfinite_updates`` updates in a row. The counters
@@ -350,12 +365,17 @@ class Training:
         means = self.sums.means() or [{} for _ in range(self.size)]
         skips = self.population.skip_counts()
         fallbacks = {name: self.population.fallbacks(name) for name in ("critic", "actor")}
+        learned_powers = {} if not self.sac.aggregator.learns_powers else {
+            name: self.population.state["aggregators"][name]["powers"].cpu().numpy() for name in ("critic", "actor")
+        }  # fmt: skip
         for s, logger in enumerate(self.loggers):
             scalars = {"perf/steps_per_second": rate, "buffer/size": float(len(self.replay))}
             scalars.update(training_scalars(means[s], self.tasks))
             scalars["aggregator/fallbacks_critic"] = float(fallbacks["critic"][s])
             scalars["aggregator/fallbacks_actor"] = float(fallbacks["actor"][s])
             scalars["train/nonfinite_updates"] = float(skips[s][0])
+            for network, powers in learned_powers.items():
+                scalars.update(per_task(f"{self.cfg.method}/power/{network}", powers[s], self.tasks))
             logger.log(self.step, scalars, kind="train")
         self.sums.reset()
         self.interval_start, self.interval_start_step = time.perf_counter(), self.step

@@ -435,8 +435,8 @@ def test_aggregating_seeds_together_equals_each_seed_alone(method, options, path
 def test_seeds_share_one_batched_solve_on_the_gpu_path(monkeypatch, options, gpu_path, solves):
     agg = make_aggregator("nashmtl", **options)
     calls = []
-    original = type(agg).solve
-    monkeypatch.setattr(type(agg), "solve", lambda self, *args: calls.append(1) or original(self, *args))
+    original = type(agg).bargain
+    monkeypatch.setattr(type(agg), "bargain", lambda self, *args: calls.append(1) or original(self, *args))
     grams = torch.stack([random_gramian(4, s) for s in range(3)])
     state = {name: torch.stack([value] * 3) for name, value in agg.init_state(4).items()}
     with sync_free() if gpu_path else contextlib.nullcontext():

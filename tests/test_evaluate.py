@@ -11,11 +11,10 @@ import pytest
 import yaml
 from scipy.stats import trim_mean
 
-from rl_mtl.config import Config
+from rl_mtl.config import Config, parse_seeds
 from rl_mtl.evaluate import main as evaluate_main
 from rl_mtl.plot import main as plot_main
 from rl_mtl.stats import iqm, mean_sem, stratified_bootstrap_ci
-from rl_mtl.sweep import parse_seeds
 
 TASKS = ["reach-v3", "push-v3"]
 
@@ -151,9 +150,9 @@ def test_sweep_evaluate_and_plot_on_real_smoke_runs(tmp_path):
     cmd += ["--jobs", "2", "--root", str(root), "--set", "train.total_steps=200", "--set", "train.eval_every=100"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "4 to run" in first.stdout and "Summary" in first.stdout
+    assert "4 runs in 4 job(s) to run" in first.stdout and "Summary" in first.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "0 to run (0 resumed), 4 already finished" in again.stdout
+    assert again.returncode == 0 and "4 runs in 0 job(s) to run, 4 finished earlier" in again.stdout
     assert evaluate_main([str(root / "smoke"), "--format", "json", "--out", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert sorted(g["label"] for g in report["groups"]) == ["ls", "pcgrad"]
@@ -204,3 +203,19 @@ def test_speed_switches_do_not_split_a_group_but_algorithm_settings_do(tmp_path,
     make_run(tmp_path, "a", 2, [(100, [0.7, 0.3])], train__batch_size_per_task=64)
     report, _ = _json_report([tmp_path], capsys)
     assert sorted(g["seeds"] for g in report["groups"]) == [[0, 1], [2]]
+
+
+def test_a_method_with_a_main_task_reports_it_first(tmp_path, capsys):
+    for seed, success in ((0, [0.2, 0.9]), (1, [0.4, 0.7])):
+        run_dir = make_run(tmp_path, "auxinash", seed, [(100, success)])
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config["method_options"]["auxinash"] = {"main_task": "push-v3"}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    report, _ = _json_report([tmp_path], capsys)
+    (group,) = report["groups"]
+    assert group["main_task"]["task"] == "push-v3" and group["main_task"]["final_mean"] == pytest.approx(0.8)
+    assert group["tasks"][0]["task"] == "push-v3 (main task)"
+    assert evaluate_main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert table.index("push-v3 (main task)") < table.index("reach-v3")
+    assert "auxinash (main task push-v3: final 0.800 ± 0.100)" in table

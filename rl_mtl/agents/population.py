@@ -48,14 +48,16 @@ class Population:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         return to_host(self.act(obs_t, deterministic=True))
 
-    def update(self, batch: Batch, diagnostics: bool = False) -> dict[str, Tensor]:
-        """One SAC update of every seed on its own batch [S, K, B, ...] (``SAC.update``)."""
+    def update(self, batch: Batch, diagnostics: bool = False, validation: Batch | None = None) -> dict[str, Tensor]:
+        """One SAC update of every seed on its own batch [S, K, B, ...] (``SAC.update``); with
+        ``validation``, held-out data for a method that learns from a main task."""
         _, k, b = batch.reward.shape
         noise = self._normal((2, k, b, self.sac.action_dim))
         uniform = torch.stack([
             torch.rand(2, k, k, dtype=torch.float64, generator=g, device=self.device) for g in self.generators
         ])  # fmt: skip
-        return self.sac.update(self.state, batch, noise, uniform, diagnostics)
+        validation_noise = None if validation is None else self._normal((2, k, b, self.sac.action_dim))
+        return self.sac.update(self.state, batch, noise, uniform, diagnostics, validation, validation_noise)
 
     def _normal(self, shape: tuple[int, ...]) -> Tensor:
         """[S, *shape]: standard normal numbers, each seed's from its own generator."""

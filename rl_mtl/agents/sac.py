@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 
 from ..aggregators import Aggregator, aggregate, make_aggregator
 from ..buffers import Batch
-from ..gradients import TaskGradients, over_seeds, task_gradient_fields
+from ..gradients import MainTaskSignal, TaskGradients, main_task_alignment, over_seeds, task_gradient_fields
 from .networks import Network, Params, make_network
 from .optim import adam_init, adam_step, paired_leaves
 
@@ -134,32 +134,65 @@ def soft_td_target(
     return reward + gamma * (1.0 - terminated) * soft_value
 
 
-def critic_gradients(critic: TwinCritic, params: Split, obs: Tensor, action: Tensor, td_target: Tensor) -> tuple:
-    """Per-task gradients of the twin critics' squared TD errors (``task_gradient_fields``)."""
+def critic_task_loss(critic: TwinCritic) -> Callable:
+    """One task's critic loss: the twin critics' squared TD errors on (obs, action, td_target)."""
 
     def critic_loss(shared, task, task_batch):
         obs, action, target = task_batch
         q1, q2 = critic.forward_one(shared, task, obs, action)
         return ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
 
-    return task_gradient_fields(critic_loss, params["shared"], params["task"], (obs, action, td_target))
+    return critic_loss
+
+
+def actor_task_loss(actor: TanhGaussianPolicy, critic: TwinCritic, critic_shared: Params) -> Callable:
+    """One task's actor loss alpha_k log pi - min Q against a constant critic, on (obs, noise,
+    alpha_k, the critic's task parameters); aux: the mean log-probability (for the temperature)."""
+
+    def actor_loss(shared, task, task_batch):
+        obs, noise_k, alpha_k, critic_task_k = task_batch
+        action, log_prob = actor.sample_one(shared, task, obs, noise_k)
+        q1, q2 = critic.forward_one(critic_shared, critic_task_k, obs, action)
+        return (alpha_k * log_prob - torch.min(q1, q2)).mean(), log_prob.mean()
+
+    return actor_loss
+
+
+def critic_gradients(critic: TwinCritic, params: Split, obs: Tensor, action: Tensor, td_target: Tensor) -> tuple:
+    """Per-task gradients of the critic losses (``task_gradient_fields``)."""
+    return task_gradient_fields(critic_task_loss(critic), params["shared"], params["task"], (obs, action, td_target))
 
 
 def actor_gradients(
     actor: TanhGaussianPolicy, critic: TwinCritic, params: Split, critic_params: Split, obs: Tensor,
     noise: Tensor, alpha: Tensor,
 ) -> tuple:  # fmt: skip
-    """Per-task gradients of alpha_k log pi - min Q against a constant critic; aux: the mean
-    log-probability per task (for the temperature)."""
-
-    def actor_loss(shared, task, task_batch):
-        obs, noise_k, alpha_k, critic_task_k = task_batch
-        action, log_prob = actor.sample_one(shared, task, obs, noise_k)
-        q1, q2 = critic.forward_one(critic_params["shared"], critic_task_k, obs, action)
-        return (alpha_k * log_prob - torch.min(q1, q2)).mean(), log_prob.mean()
-
+    """Per-task gradients of the actor losses; aux: the mean log-probability per task."""
+    loss = actor_task_loss(actor, critic, critic_params["shared"])
     batch = (obs, noise, alpha, critic_params["task"])
-    return task_gradient_fields(actor_loss, params["shared"], params["task"], batch, has_aux=True)
+    return task_gradient_fields(loss, params["shared"], params["task"], batch, has_aux=True)
+
+
+def critic_alignment(
+    critic: TwinCritic, signal: MainTaskSignal, params: Split, weights: Tensor, shared_grads: Params,
+    batch: tuple, validation: tuple,
+) -> Tensor:  # fmt: skip
+    """[K]: each task's critic gradient . the main task's held-out critic gradient (through the
+    inverse-Hessian series), for a method that learns from a main task (``main_task_alignment``)."""
+    return main_task_alignment(critic_task_loss(critic), params["shared"], params["task"], batch, weights,
+                               validation, shared_grads, signal)  # fmt: skip
+
+
+def actor_alignment(
+    actor: TanhGaussianPolicy, critic: TwinCritic, signal: MainTaskSignal, params: Split, critic_params: Split,
+    weights: Tensor, shared_grads: Params, obs: Tensor, noise: Tensor, alpha: Tensor, val_obs: Tensor,
+    val_noise: Tensor,
+) -> Tensor:  # fmt: skip
+    """The same for the actor (against the updated critic)."""
+    loss = actor_task_loss(actor, critic, critic_params["shared"])
+    batch, validation = (obs, noise, alpha, critic_params["task"]), (val_obs, val_noise, alpha, critic_params["task"])
+    return main_task_alignment(loss, params["shared"], params["task"], batch, weights, validation, shared_grads,
+                               signal, has_aux=True)  # fmt: skip
 
 
 def temperature_gradient(mean_log_prob: Tensor, target_entropy: float, shared: bool) -> Tensor:
@@ -230,6 +263,7 @@ class SAC:
         self.actor = TanhGaussianPolicy(network(0, 2 * action_dim), cfg.log_std_min, cfg.log_std_max)
         self.critic = TwinCritic(network(action_dim, 1), network(action_dim, 1))
         self.aggregator: Aggregator = make_aggregator(method, **(method_options or {}))
+        self.aggregator.bind_tasks(self.tasks)
         self.shared_temperature = cfg.temperature == "shared"
         self.target_entropy = -float(action_dim) if cfg.target_entropy is None else float(cfg.target_entropy)
         self.compiled = compile
@@ -240,6 +274,13 @@ class SAC:
         self.actor_pass = maybe_compile(
             over_seeds(functools.partial(actor_gradients, self.actor, self.critic)), compile
         )
+        if self.aggregator.learns_powers:  # the main task's signal, every update_powers_every updates
+            agg = self.aggregator
+            signal = MainTaskSignal(agg.main_index, agg.neumann_terms, agg.neumann_step)
+            critic_alignment_seeds = vmap(functools.partial(critic_alignment, self.critic, signal))
+            actor_alignment_seeds = vmap(functools.partial(actor_alignment, self.actor, self.critic, signal))
+            self.critic_alignment_pass = maybe_compile(critic_alignment_seeds, compile)
+            self.actor_alignment_pass = maybe_compile(actor_alignment_seeds, compile)
 
     def describe(self) -> dict[str, Any]:
         """The networks, for run.json: architecture, options, and what the architecture adds."""
@@ -282,15 +323,18 @@ class SAC:
 
     # -- one update -----------------------------------------------------------------------------
     def update(
-        self, state: State, batch: Batch, noise: Tensor, uniform: Tensor, diagnostics: bool
-    ) -> dict[str, Tensor]:
+        self, state: State, batch: Batch, noise: Tensor, uniform: Tensor, diagnostics: bool,
+        validation: Batch | None = None, validation_noise: Tensor | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
         """One SAC update of every seed on its own batch ([S, K, B, ...]), in place on ``state``.
 
         ``noise`` [S, 2, K, B, A]: standard normal numbers for the TD target's and the actor's
         actions; ``uniform`` [S, 2, K, K]: the critic's and the actor's aggregator's random
         numbers. Returns metric tensors [S, ...] and ``applied`` [S], False where a seed's update
         was skipped because a loss or gradient was not finite. ``diagnostics`` adds the smallest
-        cosine between two task gradients (it needs the Gramian even for ``ls``).
+        cosine between two task gradients (it needs the Gramian even for ``ls``). ``validation``
+        (a second batch, with its own ``validation_noise``): held-out data for a method that
+        learns from a main task (its ``learn_powers`` step runs on this update).
         """
         alpha = self.temperatures(state)
         td_target = self.td_target_pass(
@@ -298,12 +342,32 @@ class SAC:
         )
         critic = TaskGradients(*self.critic_pass(state["critic"], batch.obs, batch.action, td_target))
         critic_ok = torch.isfinite(critic.total())  # [S]
-        critic_weights, critic_gram = self._step(state, "critic", critic, critic_ok, uniform[:, 0], diagnostics)
+        critic_signal = None
+        if validation is not None:
+            val_td = self.td_target_pass(state["actor"], state["critic_target"], validation.next_obs,
+                                         validation.reward, validation.terminated, validation_noise[:, 0],
+                                         alpha)  # fmt: skip
+
+            def critic_signal(weights: Tensor) -> Tensor:
+                return self.critic_alignment_pass(state["critic"], weights, critic.shared,
+                                                  (batch.obs, batch.action, td_target),
+                                                  (validation.obs, validation.action, val_td))  # fmt: skip
+
+        critic_weights, critic_gram = self._step(state, "critic", critic, critic_ok, uniform[:, 0], diagnostics,
+                                                 critic_signal)  # fmt: skip
 
         # The updated critic enters the actor's loss as a constant (its tensors need no gradient).
         actor = TaskGradients(*self.actor_pass(state["actor"], state["critic"], batch.obs, noise[:, 1], alpha))
         applied = critic_ok & torch.isfinite(actor.total())
-        actor_weights, actor_gram = self._step(state, "actor", actor, applied, uniform[:, 1], diagnostics)
+        actor_signal = None
+        if validation is not None:
+
+            def actor_signal(weights: Tensor) -> Tensor:
+                return self.actor_alignment_pass(state["actor"], state["critic"], weights, actor.shared,
+                                                 batch.obs, noise[:, 1], alpha, validation.obs,
+                                                 validation_noise[:, 1])  # fmt: skip
+
+        actor_weights, actor_gram = self._step(state, "actor", actor, applied, uniform[:, 1], diagnostics, actor_signal)
         grad = temperature_gradient(actor.aux, self.target_entropy, self.shared_temperature)
         adam_step(state["log_alpha"], grad, state["optim"]["temperature"], applied, self.cfg.temperature_lr)
         weight = (self.cfg.tau * applied).to(alpha.dtype)  # zero where skipped: the target stays
@@ -326,17 +390,21 @@ class SAC:
         return metrics
 
     def _step(
-        self, state: State, network: str, grads: TaskGradients, ok: Tensor, uniform: Tensor, diagnostics: bool
-    ) -> tuple[Tensor, Tensor | None]:
+        self, state: State, network: str, grads: TaskGradients, ok: Tensor, uniform: Tensor, diagnostics: bool,
+        signal: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """Aggregate ``network``'s per-task gradients and take its Adam step (skipped where ``ok``
         [S] is False): returns the weights [S, K] and the Gramians [S, K, K] (None: not computed).
-        Independent networks share nothing: their weights are all ones."""
+        Independent networks share nothing: their weights are all ones. ``signal(weights)``: the
+        main task's alignment [S, K], for a method that learns from it (its ``learn_powers``)."""
         agg = self.aggregator
         gramian = grads.gramian() if grads.shared and (agg.uses_gramian or diagnostics) else None
         if grads.shared:
             agg_state = state["aggregators"][network]
             weights, new_state = aggregate(agg, gramian if agg.uses_gramian else None, grads.losses, agg_state,
                                            uniform)  # fmt: skip
+            if signal is not None:
+                new_state = vmap(agg.learn_powers)(gramian, new_state, signal(weights))
             copy_tree_(agg_state, new_state)
         else:
             weights = torch.ones_like(grads.losses)

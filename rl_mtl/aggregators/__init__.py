@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .auxinash import AuxiNash
 from .base import Aggregator, AggregatorError, State, aggregate
 from .cagrad import CAGrad
 from .fairgrad import FairGrad
@@ -20,7 +21,7 @@ from .nashmtl import NashMTL
 from .pcgrad import PCGrad
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (LinearScalarization, NashMTL, FairGrad, PCGrad, CAGrad, MGDA, IMTLG)
+    cls.name: cls for cls in (LinearScalarization, NashMTL, FairGrad, PCGrad, CAGrad, MGDA, IMTLG, AuxiNash)
 }
 METHODS: tuple[str, ...] = tuple(AGGREGATORS)
 

@@ -95,6 +95,13 @@ class Aggregator:
 
     name: ClassVar[str] = ""
     uses_gramian: ClassVar[bool] = True  # False: the weights never depend on M (linear scalarisation)
+    # True: the method also learns from a main task's held-out gradient (``learn_powers``, AuxiNash);
+    # the trainer then computes that signal every ``update_powers_every`` updates for ``main_index``.
+    learns_powers: ClassVar[bool] = False
+    main_index: int | None = None
+
+    def bind_tasks(self, tasks: list[str]) -> None:
+        """Learn the run's task names (in order), for options that name tasks."""
 
     # -- the pure interface -----------------------------------------------------------------
     def init_state(self, k: int, device: torch.device | str = "cpu") -> State:

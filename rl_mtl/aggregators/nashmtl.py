@@ -1,4 +1,5 @@
-"""Nash-MTL (Navon et al., ICML 2022) and its asymmetric form (AuxiNash, Shamsian et al. 2023)."""
+"""Nash-MTL (Navon et al., ICML 2022), with fixed bargaining powers if given (the asymmetric form;
+``auxinash`` learns them)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class NashMTL(Aggregator):
     mean (counted) and keeps the previous weights for the calls that reuse them.
 
     State: ``fallbacks``; ``calls`` (how many calls so far); ``last`` (the weights the calls
-    between two solves reuse, float64).
+    between two solves reuse, float64); ``powers`` (p); ``alpha`` (the last solution, before
+    ``max_norm``).
     """
 
     name = "nashmtl"
@@ -78,47 +80,59 @@ class NashMTL(Aggregator):
         }
 
     def init_state(self, k: int, device: torch.device | str = "cpu") -> State:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
+        if self.powers is not None and len(self.powers) != k:
+            raise AggregatorError(f"{self.name}: {len(self.powers)} bargaining powers given for {k} tasks")
+        powers = torch.ones(k, dtype=torch.float64) if self.powers is None else torch.tensor(self.powers)
         return {
             **super().init_state(k, device),
-            "calls": zero,
+            "calls": torch.zeros((), dtype=torch.int64, device=device),
             "last": torch.zeros(k, dtype=torch.float64, device=device),
+            "powers": powers.to(dtype=torch.float64, device=device),
+            "alpha": torch.zeros(k, dtype=torch.float64, device=device),  # the last solution, before max_norm
         }
 
     def step(self, gramian: Tensor | None, losses: Tensor, state: State, uniform: Tensor) -> tuple[Tensor, State]:
-        assert gramian is not None, "nashmtl needs the Gramian"
-        weights, fallback = self.solve(gramian, losses, uniform)
+        assert gramian is not None, f"{self.name} needs the Gramian"
+        k = losses.shape[-1]
+        m = gramian.detach().to(torch.float64)
+        finite = torch.isfinite(m).all()
+        alpha, fallback = self.bargain(torch.where(finite, m, torch.eye(k, dtype=m.dtype, device=m.device)),
+                                       state["powers"])  # fmt: skip
+        ok = finite & torch.isfinite(alpha).all()
+        weights = torch.where(ok, self.clip_norm(alpha, m), torch.full_like(alpha, 1.0 / k)).to(gramian.dtype)
         calls = state["calls"]
         solves = calls % self.update_weights_every == 0
         # A non-finite Gramian (a skipped update) must not set the weights reused until the next
         # solve, unless there are none yet.
-        keep = solves & (torch.isfinite(gramian).all() | (calls == 0))
-        last = torch.where(keep, weights.to(torch.float64), state["last"])
+        keep = solves & (finite | (calls == 0))
         return torch.where(solves, weights, state["last"].to(weights.dtype)), {
-            "fallbacks": state["fallbacks"] + (fallback & solves).to(torch.int64),
+            **state,
+            "fallbacks": state["fallbacks"] + ((fallback | ~ok) & solves).to(torch.int64),
             "calls": calls + 1,
-            "last": last,
+            "last": torch.where(keep, weights.to(torch.float64), state["last"]),
+            "alpha": torch.where(solves & ok, alpha, state["alpha"]),
         }
 
     @property
     def on_device(self) -> bool:
         return self.solver == "newton"
 
-    def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
-        k = gramian.shape[0]
-        if self.powers is not None and len(self.powers) != k:
-            raise AggregatorError(f"nashmtl: {len(self.powers)} bargaining powers given for {k} tasks")
-        p = None if self.powers is None else torch.tensor(self.powers, dtype=gramian.dtype, device=gramian.device)
+    def bargain(self, gramian: Tensor, powers: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha > 0 with M alpha = p / alpha for M = ``gramian`` (float64), fallback): the ridge
+        fallback when no solution exists (see the class docstring)."""
         a, scale, degenerate = normalize_gramian(gramian)
         if self.solver == "newton":
-            alpha = fair_weights(a, alpha=1.0, powers=p)
+            alpha = fair_weights(a, alpha=1.0, powers=powers)
         else:
             from .reference import nash_cvxpy
 
-            alpha = nash_cvxpy(a, powers=p, optim_niter=self.optim_niter)
-        fallback = degenerate | ~(fair_residual(a, alpha, 1.0, p) < EXISTENCE_TOL)
-        alpha = alpha / scale.sqrt()  # M = scale * A  =>  alpha_M = alpha_A / sqrt(scale)
-        if self.max_norm > 0:
-            norm = torch.sqrt(torch.clamp(alpha @ gramian @ alpha, min=0.0))
-            alpha = alpha * torch.clamp(self.max_norm / norm, max=1.0)
-        return alpha, fallback
+            alpha = nash_cvxpy(a, powers=powers, optim_niter=self.optim_niter)
+        fallback = degenerate | ~(fair_residual(a, alpha, 1.0, powers) < EXISTENCE_TOL)
+        return alpha / scale.sqrt(), fallback  # M = scale * A  =>  alpha_M = alpha_A / sqrt(scale)
+
+    def clip_norm(self, alpha: Tensor, gramian: Tensor) -> Tensor:
+        """alpha scaled so that |sum_i alpha_i g_i| <= max_norm (when max_norm > 0)."""
+        if self.max_norm == 0:
+            return alpha
+        norm = torch.sqrt(torch.clamp(alpha @ gramian @ alpha, min=0.0))
+        return alpha * torch.clamp(self.max_norm / norm, max=1.0)
