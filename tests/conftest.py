@@ -1,6 +1,16 @@
 import pytest
 import torch
 
+from rl_mtl.aggregators import make_aggregator
+
+# Options a method cannot do without (AuxiNash's main task), for tests that run every method.
+REQUIRED = {"auxinash": {"main_task": "task0"}}
+
+
+def aggregator(method: str, **options):
+    """``make_aggregator`` with what the method requires (its main task: the first task)."""
+    return make_aggregator(method, **{**REQUIRED.get(method, {}), **options})
+
 
 def random_gramian(k: int, seed: int, dims: int | None = None, spread: float = 1.0) -> torch.Tensor:
     """G G^T for random Gaussian task gradients (positive definite when dims >= k).

@@ -287,7 +287,7 @@ TINY = ["env.benchmark=custom", "env.tasks=[reach-v3, window-close-v3]", "env.ma
         "train.eval_episodes=1", "train.checkpoint_every=20", "train.log_every=20", "agent.hidden_sizes=[16, 16]",
         "agent.architecture_options.soft_modularization={num_modules: 2, module_width: 8, embedding_width: 16, "
         "routing_width: 8}", "agent.architecture_options.care={num_encoders: 2, context_width: 8}",
-        "agent.architecture_options.moore={num_experts: 2}"]  # fmt: skip
+        "agent.architecture_options.moore={num_experts: 2}", "method_options.auxinash.main_task=reach-v3"]  # fmt: skip
 
 
 @pytest.mark.slow

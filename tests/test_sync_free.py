@@ -4,10 +4,10 @@ guard that fails on host reads, and on CUDA with the driver's own sync detector.
 
 import pytest
 import torch
-from conftest import NoHostReads, random_gramian
+from conftest import REQUIRED, NoHostReads, aggregator, random_gramian
 
 from rl_mtl.agents import SAC, Population
-from rl_mtl.aggregators import AGGREGATORS, make_aggregator
+from rl_mtl.aggregators import AGGREGATORS
 from rl_mtl.aggregators.solvers import may_read_back, sync_free
 from rl_mtl.buffers import Batch
 from rl_mtl.config import load_config
@@ -19,7 +19,7 @@ CASES = [(method, "shared") for method in sorted(AGGREGATORS)] + [("nashmtl", "m
 
 def _population(method, architecture, seeds, device):
     agent = load_config("smoke", [f"agent.architecture={architecture}"]).agent
-    return Population(SAC(OBS, ACT, TASKS, agent, method), seeds, device)
+    return Population(SAC(OBS, ACT, TASKS, agent, method, REQUIRED.get(method)), seeds, device)
 
 
 def _batch(seeds, device, nan_reward=False):
@@ -56,7 +56,7 @@ def test_solving_without_read_backs_gives_the_converged_weights(method):
     (the CPU's early stop): both must reach the same weights, without fallbacks."""
     for k in (2, 5, 10, 20, 50):
         m = random_gramian(k, 200 + k, spread=10.0)
-        early, full = make_aggregator(method), make_aggregator(method)  # same seeded random numbers
+        early, full = aggregator(method), aggregator(method)  # same seeded random numbers
         expected = early(m)
         with sync_free():
             got = full(m)

@@ -47,7 +47,8 @@ def _comparable(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("method", METHODS)
 def test_smoke_training_of_every_method_leaves_a_complete_run_directory(tmp_path, method):
     run_dir = tmp_path / method
-    assert main([*SMOKE, "--method", method, "--run-dir", str(run_dir)]) == 0
+    main_task = ["--set", "method_options.auxinash.main_task=reach-v3"]  # what AuxiNash requires
+    assert main([*SMOKE, "--method", method, "--run-dir", str(run_dir), *main_task]) == 0
     records, _ = read_metrics(run_dir / "metrics.jsonl")
     by_kind = {kind: [r for r in records if r["kind"] == kind] for kind in ("train", "episode", "eval")}
     for kind, keys in (("train", REQUIRED_TRAIN), ("episode", REQUIRED_EPISODE), ("eval", REQUIRED_EVAL)):

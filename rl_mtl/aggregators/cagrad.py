@@ -64,7 +64,9 @@ class CAGrad(Aggregator):
     Where the dual's optimum has g_w* = 0 (the hull of the task gradients holds 0: exactly
     opposite tasks, say) the formula is 0/0 although the problem has optima: the best worst-task
     improvement is 0, and the direction is the optimum nearest g_0 (``cone_projection_weights``).
-    Never falls back (non-finite input still gives the mean, counted).
+    Of the two candidates the one with the better worst-task improvement inside the ball is
+    taken. Fallback (counted): neither is finite and inside the ball (non-finite input gives the
+    mean, counted, too).
     """
 
     name = "cagrad"
@@ -82,17 +84,28 @@ class CAGrad(Aggregator):
         k = gramian.shape[0]
         a, _, _ = normalize_gramian(gramian)  # the weights are scale invariant
         mean = torch.full((k,), 1.0 / k, dtype=a.dtype, device=a.device)
-        weights = mean
+        weights, fallback = mean, self.no_fallback(a)
         if self.c > 0:
+            radius_sq = self.c**2 * torch.clamp(mean @ a @ mean, min=0.0)
+
+            def feasible_value(v: Tensor) -> Tensor:
+                """The worst task improvement of the direction G^T v, -inf outside CAGrad's ball."""
+                inside = (v - mean) @ a @ (v - mean) <= radius_sq * (1 + 1e-6) + 1e-15
+                return torch.where(inside & torch.isfinite(v).all(), (a @ v).min(), -torch.inf)
+
             w = cagrad_dual_weights(a, self.c)
-            g0_norm = torch.sqrt(torch.clamp(mean @ a @ mean, min=0.0))
             gw_norm = torch.sqrt(torch.clamp(w @ a @ w, min=0.0))
-            usable = torch.isfinite(w).all() & (gw_norm > 1e-7 * g0_norm)
-            w = torch.where(usable, w, mean)
-            lam = self.c * g0_norm / torch.where(usable, gw_norm, 1.0)
-            if may_read_back(a) and bool(usable):
-                weights = mean + lam * w
-            else:  # only where 0 is in the hull (or on the sync-free path, which cannot branch)
-                weights = torch.where(usable, mean + lam * w, cone_projection_weights(a))
+            usable = torch.isfinite(w).all() & (gw_norm > 0)
+            dual = mean + torch.sqrt(radius_sq) / torch.where(usable, gw_norm, 1.0) * torch.where(usable, w, 0.0)
+            dual_value = feasible_value(dual)
+            if may_read_back(a) and bool(dual_value > 1e-9):
+                weights = dual  # a positive improvement: 0 is not in the hull, the dual's formula holds
+            else:  # the cone's point wins where the formula is 0/0 (or fails); the sync-free path takes both
+                cone = cone_projection_weights(a)
+                cone_value = feasible_value(cone)
+                best = torch.maximum(dual_value, cone_value)
+                weights = torch.where(dual_value >= cone_value, dual, cone)
+                weights = torch.where(torch.isfinite(best), weights, mean)
+                fallback = ~torch.isfinite(best)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return weights / divisor, self.no_fallback(a)
+        return weights / divisor, fallback
