@@ -93,7 +93,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, a bare pickle
+def is_pickle(head: bytes) -> bool:
+    """Whether a file's first bytes are torch.save's zip archive or a bare pickle (protocol 2-5).
+    A safetensors file starts with its header's length (8 bytes, little-endian) and then "{": its
+    first byte may be 0x80 too (a header of 128 + 256 n bytes), so that shape is checked first."""
+    if len(head) >= 9 and head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def _header(path: Path) -> dict[str, str]:
@@ -101,7 +107,7 @@ def _header(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with path.open("rb") as f:
-        if f.read(4).startswith(PICKLE_MAGIC):  # looked at, never unpickled
+        if is_pickle(f.read(9)):  # looked at, never unpickled
             migrate(path)
     try:
         with safe_open(str(path), framework="pt") as f:

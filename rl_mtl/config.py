@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .agents.networks import ARCHITECTURES, make_network
+from .agents.population import COMPILE_MODES
 from .aggregators import METHODS, AggregatorError, make_aggregator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # inside the package: a wheel has them too
@@ -100,11 +101,12 @@ class TrainConfig:
     # Overlap the update with the environments' step (needs env.vector_strategy=async).
     # None: on exactly when the vector env is async.
     overlap_env: bool | None = None
-    # Compile the update's batched passes (TD target, per-task critic and actor gradients) with
-    # torch.compile. None: on for the CPU when a C++ compiler is installed (measured to pay there,
-    # README: Speed); off on CUDA until measured. A speed switch: the numbers are the same up to
-    # floating-point summation order.
-    compile: bool | None = None
+    # How the update runs (README: Speed): off (eager) | passes (its three batched passes compiled)
+    # | whole (the whole update one compiled graph) | graphs (that graph captured and replayed as a
+    # CUDA graph; CUDA only). true means passes, false off. None: passes on the CPU when a C++
+    # compiler is installed (measured to pay there), off on CUDA until measured on a GPU. A speed
+    # switch: the numbers are the same up to floating-point summation order.
+    compile: bool | str | None = None
 
 
 @dataclass
@@ -261,6 +263,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"agent.tau must be in (0, 1], got {agent.tau}")
     if agent.log_std_min >= agent.log_std_max:
         raise ConfigError("agent.log_std_min must be below agent.log_std_max")
+    if isinstance(train.compile, str):
+        _choice("train.compile", train.compile, COMPILE_MODES)
     if train.overlap_env and env.vector_strategy != "async":
         raise ConfigError(
             "train.overlap_env=true needs env.vector_strategy=async (a sync env cannot step while the update runs)"

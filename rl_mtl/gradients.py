@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, grad_and_value, jvp, vmap
+from torch.func import grad, grad_and_value, vmap
 
 Params = Mapping[str, Tensor]
 TaskLoss = Callable[..., Any]
@@ -145,10 +145,14 @@ def main_task_alignment(
 
     s = v = g_v
     for _ in range(signal.neumann_terms):
-        hessian_v = jvp(grad(training_loss), (detached(shared),), (v,))[1]
+        hessian_v = grad(lambda p, v=v: _dot(grad(training_loss)(p), v))(detached(shared))
         v = {name: v[name] - signal.neumann_step * hessian_v[name] for name in v}
         s = {name: s[name] + v[name] for name in s}
     return torch.stack([(shared_grads[name] * s[name]).flatten(1).sum(1) for name in s]).sum(0)
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[name] * b[name]).sum() for name in a)
 
 
 def task_gradients_loop(task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any) -> TaskGradients:

@@ -27,63 +27,66 @@ PER_TASK_METRICS = {
 }
 
 
+DIAGNOSTICS = ("critic_min_cosine", "actor_min_cosine")  # last value only (nan: skipped, or not measured)
+
+
 class MetricSums:
-    """Sums of a population's update metrics since the last log, on the device ([S, ...] each),
-    read once per log. A seed's skipped update (``applied`` False) adds zeros, so its interval
-    means cover its applied updates only; the diagnostics (``*_min_cosine``) keep the last value
-    (nan where that update was skipped)."""
+    """Sums of a population's update metrics since the last log, in buffers allocated once on the
+    device ([S, K] per summed metric, [S] counts): an update adds to them in place (``add_``, inside
+    a compiled or graph-replayed update too), and the trainer reads them once per log. A seed's
+    skipped update (``applied`` False) adds nothing, so its interval means cover its applied
+    updates only; the diagnostics keep their last value."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.updates: Tensor | None = None  # [S] applied updates
-        self.latest: dict[str, Tensor] = {}
+    def __init__(self, num_seeds: int, num_tasks: int, device: torch.device) -> None:
+        self.sums = {name: torch.zeros(num_seeds, num_tasks, device=device) for name in PER_TASK_METRICS}
+        self.updates = torch.zeros(num_seeds, dtype=torch.int64, device=device)  # applied updates
+        self.latest = {name: torch.full((num_seeds,), torch.nan, device=device) for name in DIAGNOSTICS}
 
-    def add(self, metrics: dict[str, Tensor]) -> None:
+    def tensors(self) -> list[Tensor]:
+        """Every buffer (a replayed CUDA graph needs them at fixed addresses)."""
+        return [*self.sums.values(), self.updates, *self.latest.values()]
+
+    def add_(self, metrics: dict[str, Tensor]) -> None:
         applied = metrics["applied"]
-        for name, value in metrics.items():
-            if name == "applied":
-                continue
-            mask = applied.view(-1, *[1] * (value.ndim - 1))
-            if name.endswith("min_cosine"):
-                self.latest[name] = torch.where(mask, value, torch.nan)
-            else:  # where, not *: a skipped value may be nan
-                value = torch.where(mask, value, 0.0)
-                self.sums[name] = self.sums[name] + value if name in self.sums else value
-        added = applied.to(torch.int64)
-        self.updates = added if self.updates is None else self.updates + added
+        for name, total in self.sums.items():  # where, not *: a skipped update's value may be nan
+            total.add_(torch.where(applied[:, None], metrics[name], 0.0))
+        for name, last in self.latest.items():
+            if name in metrics:
+                last.copy_(torch.where(applied, metrics[name], torch.nan))
+        self.updates.add_(applied.to(torch.int64))
 
     def means(self) -> list[dict[str, np.ndarray]]:
-        """Per seed: each metric's mean over its applied updates (reading synchronises)."""
-        if self.updates is None:
-            return []
+        """Per seed: each metric's mean over its applied updates, and the diagnostics' last values
+        (empty for a seed without an applied update); reading synchronises."""
         counts = self.updates.cpu().numpy()
         sums = {k: v.cpu().numpy() for k, v in self.sums.items()}
         latest = {k: v.cpu().numpy() for k, v in self.latest.items()}
-        out = []
-        for s, n in enumerate(counts):
-            seed = {k: v[s] / max(int(n), 1) for k, v in sums.items()} if n else {}
-            seed.update({k: v[s] for k, v in latest.items()} if n else {})
-            out.append(seed)
-        return out
+        return [
+            {**{k: v[s] / n for k, v in sums.items()}, **{k: v[s] for k, v in latest.items()}} if n else {}
+            for s, n in enumerate(counts)
+        ]
 
     def reset(self) -> None:
-        self.sums, self.updates, self.latest = {}, None, {}
+        for total in self.sums.values():
+            total.zero_()
+        self.updates.zero_()
+        for last in self.latest.values():
+            last.fill_(torch.nan)
 
     def seed_state(self, s: int) -> dict[str, Any]:
         """Seed ``s``'s sums since the last log (a checkpoint between two log points keeps them)."""
         return {
             "sums": {k: v[s].cpu() for k, v in self.sums.items()},
-            "updates": 0 if self.updates is None else int(self.updates[s]),
+            "updates": int(self.updates[s]),
+            "latest": {k: v[s].cpu() for k, v in self.latest.items()},
         }
 
-    @staticmethod
-    def stacked(states: list[dict[str, Any]], device: torch.device) -> MetricSums:
-        """The sums of a population from its seeds' ``seed_state``s."""
-        sums = MetricSums()
-        if any(state["updates"] for state in states):
-            sums.sums = {k: torch.stack([st["sums"][k] for st in states]).to(device) for k in states[0]["sums"]}
-            sums.updates = torch.tensor([st["updates"] for st in states], device=device)
-        return sums
+    def load_seed_state(self, s: int, state: dict[str, Any]) -> None:
+        for name, total in self.sums.items():
+            total[s].copy_(state["sums"][name])
+        self.updates[s] = int(state["updates"])
+        for name, last in self.latest.items():
+            last[s].copy_(state["latest"][name])
 
 
 def per_task(prefix: str, values: np.ndarray, tasks: list[str]) -> dict[str, float]:

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from .config import Config
+if TYPE_CHECKING:
+    from .config import Config
 
 CONFIG_NAME = "config.yaml"
 RUN_INFO_NAME = "run.json"
@@ -177,7 +178,7 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compiled: bool, tasks: list[str],
+def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compile_mode: str, tasks: list[str],
                  population: list[int], network: dict[str, Any],
                  changed: dict[str, list[Any]] | None = None) -> str:  # fmt: skip
     """``run.json``: what this run was made with. ``population``: the seeds trained together
@@ -192,7 +193,7 @@ def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compile
         "population": population,
         "device": device_description(device),
         "deterministic": deterministic,
-        "compiled": compiled,  # train.compile as resolved for this device
+        "compile": compile_mode,  # train.compile as resolved for this device
         "changed_on_resume": changed or {},
         "versions": package_versions(),
         "python": sys.version.split()[0],

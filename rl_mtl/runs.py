@@ -50,7 +50,7 @@ class Group:
     method: str
     config: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
-    label: str = ""  # the method, or "method [config i]" when a method has several configs
+    label: str = ""  # the method (and its network unless shared); "... [config i]" when it has several configs
 
 
 def find_run_dirs(patterns: list[str]) -> list[Path]:
@@ -112,26 +112,33 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
 
 
+def method_label(config: dict[str, Any]) -> str:
+    """The method, with the network's architecture where it is not the default (shared)."""
+    architecture = (config.get("agent") or {}).get("architecture", "shared")
+    method = str(config.get("method"))
+    return method if architecture == "shared" else f"{method} ({architecture})"
+
+
 def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
     """Groups by (method, config); returns them and warnings about methods split across configs."""
     groups: dict[str, Group] = {}
     for run in runs:
         key = comparison_key(run.config)
-        groups.setdefault(key, Group(run.method, run.config, label=run.method)).runs.append(run)
-    result = sorted(groups.values(), key=lambda g: (g.method, comparison_key(g.config)))
+        groups.setdefault(key, Group(run.method, run.config, label=method_label(run.config))).runs.append(run)
+    result = sorted(groups.values(), key=lambda g: (g.label, comparison_key(g.config)))
     warnings = []
-    by_method: dict[str, list[Group]] = {}
+    by_label: dict[str, list[Group]] = {}
     for g in result:
-        by_method.setdefault(g.method, []).append(g)
-    for method, gs in by_method.items():
+        by_label.setdefault(g.label, []).append(g)
+    for label, gs in by_label.items():
         if len(gs) > 1:
             diffs = sorted({k for g in gs[1:] for k in config_differences(gs[0].config, g.config)})
             warnings.append(
-                f"runs of method '{method}' use {len(gs)} different configs (differing keys: "
+                f"runs of '{label}' use {len(gs)} different configs (differing keys: "
                 f"{', '.join(diffs)}); they are shown as separate groups, never pooled"
             )
             for i, g in enumerate(gs, 1):
-                g.label = f"{method} [config {i}]"
+                g.label = f"{label} [config {i}]"
     return result, warnings
 
 

@@ -42,15 +42,24 @@ def compiler_available(device: torch.device) -> bool:
     return any(name and shutil.which(name) for name in names)
 
 
-def resolve_compile(cfg: Config, device: torch.device) -> bool:
-    """train.compile: None means on for the CPU (measured to pay, README: Speed) when a compiler is
-    installed, off on CUDA (not yet measured)."""
-    if cfg.train.compile is None:
-        return device.type == "cpu" and compiler_available(device)
-    if cfg.train.compile and not compiler_available(device):
+def resolve_compile(cfg: Config, device: torch.device) -> str:
+    """train.compile as a mode for ``device`` (agents.COMPILE_MODES): None means "passes" on the CPU
+    (measured to pay, README: Speed) when a compiler is installed, "off" on CUDA (not yet measured
+    on a GPU); true means "passes", false "off"."""
+    setting = cfg.train.compile
+    if setting is None:
+        return "passes" if device.type == "cpu" and compiler_available(device) else "off"
+    mode = {True: "passes", False: "off"}.get(setting, setting)  # type: ignore[call-overload]
+    if mode == "graphs" and device.type != "cuda":
+        raise ConfigError("train.compile=graphs replays the update as a CUDA graph: it needs --device cuda; "
+                          "on the CPU use train.compile=whole")  # fmt: skip
+    if mode == "graphs" and cfg.method == "imtlg":  # torch.linalg.eigh checks its result on the host on CUDA
+        raise ConfigError("imtlg cannot run in a CUDA graph (its eigendecomposition reads back to the host); "
+                          "use train.compile=whole")  # fmt: skip
+    if mode != "off" and not compiler_available(device):
         needed = "a C compiler (gcc) for Triton" if device.type == "cuda" else "a C++ compiler (g++)"
-        raise ConfigError(f"train.compile=true needs {needed} on PATH; install one or set train.compile=false")
-    return cfg.train.compile
+        raise ConfigError(f"train.compile={setting} needs {needed} on PATH; install one or set train.compile=off")
+    return mode
 
 
 def seed_everything(seed: int) -> None:

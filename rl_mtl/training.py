@@ -248,11 +248,12 @@ class Training:
         self.overlap = self.envs.can_overlap if cfg.train.overlap_env is None else cfg.train.overlap_env
         env = self.envs.runners[0].env
         obs_dim, action_dim = env.single_observation_space.shape[0], env.single_action_space.shape[0]
-        self.compiled = resolve_compile(cfg, self.device)
+        self.compile_mode = resolve_compile(cfg, self.device)
         options = cfg.method_options.get(cfg.method, {})
         try:  # the networks' options are checked with this run's tasks here (a context file's rows)
-            self.sac = SAC(obs_dim, action_dim, self.tasks, cfg.agent, cfg.method, options, compile=self.compiled)
-            self.population = Population(self.sac, seeds, self.device)
+            self.sac = SAC(obs_dim, action_dim, self.tasks, cfg.agent, cfg.method, options,
+                           compile=self.compile_mode == "passes")  # fmt: skip
+            self.population = Population(self.sac, seeds, self.device, compile=self.compile_mode)
         except AggregatorError as err:  # an option that names tasks (AuxiNash's main_task)
             raise ConfigError(f"method_options.{cfg.method}: {err}") from err
         except ValueError as err:
@@ -264,7 +265,7 @@ class Training:
         self.warmup_rngs = [np.random.default_rng(seed + 3) for seed in seeds]  # random actions before learning
         self.action_dim = action_dim
         self.step, self.last_checkpoint_step, self.last_eval_step = 0, 0, -1
-        self.sums = MetricSums()
+        self.sums = MetricSums(len(seeds), k, self.device)
         self.stop_requested = False
         self.envs.reset_all()
         states = [state for _, _, state in runs]
@@ -292,7 +293,7 @@ class Training:
                 for key, (old, new) in changed.items():
                     print(f"{run_dir}: resuming with {key} changed from {old} to {new}", file=sys.stderr)
             write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            info = run_metadata(cfg, self.device, self.deterministic, self.compiled, self.tasks,
+            info = run_metadata(cfg, self.device, self.deterministic, self.compile_mode, self.tasks,
                                 [c.seed for c in self.configs], self.sac.describe(), changed)  # fmt: skip
             write_text_atomic(run_dir / (RUN_INFO_NAME if state is None else f"run.resumed-{self.step}.json"), info)
             self.loggers.append(RunLogger(run_dir, purge_step=None if state is None else self.step + 1))
@@ -341,7 +342,7 @@ class Training:
             index = (self.step - t.warmup_steps) * t.updates_per_step + i
             held_out = agg.learns_powers and (index + 1) % agg.update_powers_every == 0
             validation = self.replay.sample(t.batch_size_per_task) if held_out else None
-            self.sums.add(self.population.update(batch, diagnostics and i == t.updates_per_step - 1, validation))
+            self.population.update(batch, diagnostics and i == t.updates_per_step - 1, validation, self.sums)
 
     def check_skipped_updates(self) -> None:
         """Stop once any seed skipped ``train.max_nonfinite_updates`` updates in a row. The counters
@@ -362,7 +363,7 @@ class Training:
     def log_training(self) -> float:
         """Log every seed's interval means; returns the steps per second since the last log."""
         rate = (self.step - self.interval_start_step) / max(time.perf_counter() - self.interval_start, 1e-9)
-        means = self.sums.means() or [{} for _ in range(self.size)]
+        means = self.sums.means()
         skips = self.population.skip_counts()
         fallbacks = {name: self.population.fallbacks(name) for name in ("critic", "actor")}
         learned_powers = {} if not self.sac.aggregator.learns_powers else {
@@ -482,7 +483,8 @@ class Training:
         self.step = self.last_checkpoint_step = int(lead["step"])
         self.last_eval_step = int(lead["last_eval_step"])
         set_rng_state(lead["rng"])
-        self.sums = MetricSums.stacked([state["metric_sums"] for state in states], self.device)
+        for s, state in enumerate(states):
+            self.sums.load_seed_state(s, state["metric_sums"])
         # The checkpoint was taken before the finished episodes' reset: do that reset now, with
         # the restored env RNGs, exactly as the uninterrupted run did right after saving.
         if not lead["at_boundary"]:

@@ -315,3 +315,39 @@ def test_every_architecture_trains_with_every_aggregator_and_resumes_exactly(nam
     assert comparable(tmp_path / "killed") == comparable(tmp_path / "pcgrad")
     network = json.loads((tmp_path / "pcgrad" / "run.json").read_text())["network"]
     assert network["architecture"] == name
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_s_whole_update_traces_as_one_graph(name):
+    """train.compile=whole and graphs need the whole population update to trace without a graph
+    break for every network: here Nash-MTL's update (per-task gradients, Gramians, the solve, the
+    optimiser steps), and for the shared network AuxiNash's with its held-out pass (the
+    Hessian-vector products, the power step: a superset of the other methods' graph, whose tracing
+    takes 2-3x longer). Traced by dynamo alone (the eager backend: no code generation), and the
+    traced update gives the eager update's numbers."""
+    from torch._dynamo.utils import counters
+
+    from rl_mtl.agents import SAC, Population
+    from rl_mtl.buffers import Batch
+
+    options = f"agent.architecture_options={{{name}: {json.dumps(SMALL.get(name, {}))}}}"
+    agent = load_config("smoke", [f"agent.architecture={name}", "agent.hidden_sizes=[16, 16]", options]).agent
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        rand = lambda *shape: torch.randn(2, K, B, *shape, generator=g)  # noqa: E731
+        return Batch(rand(OBS), rand(3).clamp(-1, 1), rand(), rand(OBS), (rand() > 1).float())
+
+    method, options = ("auxinash", {"main_task": TASKS[0]}) if name == "shared" else ("nashmtl", {})
+    sac = SAC(OBS, 3, TASKS, agent, method, options)
+    populations = [Population(sac, [0, 1], torch.device("cpu")) for _ in range(2)]
+    torch._dynamo.reset()
+    counters.clear()
+    traced = torch.compile(populations[1]._update_and_sum, fullgraph=True, backend="eager")
+    data, validation = batch(), (batch() if method == "auxinash" else None)
+    expected = populations[0].update(data, True, validation)
+    noise, uniform, validation_noise = populations[1].random_numbers(data, validation)
+    got = traced(populations[1].state, None, data, noise, uniform, True, validation, validation_noise)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert not counters["graph_break"]

@@ -116,6 +116,15 @@ def test_bad_inputs_give_clear_messages_and_readable_data_is_used(tmp_path, caps
     assert sorted(g["label"] for g in report["groups"]) == ["a [config 1]", "a [config 2]"]
 
 
+def test_the_label_names_the_network_where_it_is_not_the_shared_one(tmp_path, capsys):
+    make_run(tmp_path / "shared", "ls", 0, [(100, [0.5, 0.5])])
+    make_run(tmp_path / "care", "ls", 0, [(100, [0.7, 0.5])], agent__architecture="care")
+    make_run(tmp_path / "moore", "ls", 0, [(100, [0.6, 0.5])], agent__architecture="moore")
+    report, err = _json_report([tmp_path], capsys)
+    assert sorted(g["label"] for g in report["groups"]) == ["ls", "ls (care)", "ls (moore)"]
+    assert "different configs" not in err  # each network is its own group, named, not "config i"
+
+
 def test_stratified_bootstrap_interval_covers_the_true_iqm_about_95_percent():
     rng = np.random.default_rng(0)
     true_iqm = trim_mean(rng.beta(2, 5, size=2_000_000), 0.25)  # population IQM of Beta(2, 5)

@@ -84,6 +84,21 @@ def test_a_crafted_checkpoint_runs_no_code_in_any_command_that_reads_checkpoints
     assert not marker.exists(), "reading a checkpoint ran code"
 
 
+def test_a_checkpoint_whose_header_length_starts_like_a_pickle_still_opens(tmp_path):
+    """A safetensors file begins with its header's length: one of 128 + 256 n bytes begins with
+    0x80, a pickle's first byte. The sniffing must not take it for one."""
+    path = tmp_path / CHECKPOINT_NAME
+    for pad in range(300):
+        save_checkpoint(path, {"step": 1, "note": "x" * pad, "w": torch.ones(2)})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length of 128 + 256 n bytes")
+    assert load_checkpoint(path)["note"] == "x" * pad
+    assert checkpoint_module.is_pickle(pickle.dumps({"step": 1}, protocol=4))
+    assert checkpoint_module.is_pickle(b"PK\x03\x04rest")
+
+
 @pytest.mark.slow
 def test_another_runs_checkpoint_is_refused_naming_the_field(tmp_path, capsys):
     runs = {
@@ -311,7 +326,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tmp_pat
     assert _train(run_dir) == 2
     assert "never reached its first checkpoint; start it again with --resume" in capsys.readouterr().err
     assert _resume(run_dir) == 0
-    assert "starting again from step 0" in capsys.readouterr().err
+    assert "starting it again from step 0" in capsys.readouterr().err
     assert not list(run_dir.glob(".*.tmp")), "the dead write's temporary file is left"
     (aside,) = run_dir.glob("aborted-*")
     assert (aside / "metrics.jsonl").is_file()

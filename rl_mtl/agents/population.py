@@ -9,28 +9,45 @@ noise and the aggregator's random numbers), so a seed's numbers are those it get
 floating-point summation order inside batched kernels; its state can be sliced out
 (``seed_state``) and put back (``load_seed_state``) to checkpoint and resume it alone or in any
 population.
+
+``compile`` (train.compile): "off" runs the update eagerly; "passes" compiles its three batched
+passes (``SAC``); "whole" compiles the whole update as one graph (``fullgraph``: no breaks),
+with the optimiser steps, the solvers (their fixed budgets: no read-backs under compilation) and
+the metric sums' in-place adds; "graphs" also captures it as a CUDA graph and replays it
+(torch.compile's ``reduce-overhead`` mode): every tensor the update writes (the state, the sums)
+is marked as living at a fixed address, and each update's inputs (the batch, the random numbers,
+drawn outside the graph from each seed's generator) are copied into the graph's input buffers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..buffers import Batch
 from .optim import paired_leaves
-from .sac import SAC, State
+from .sac import SAC, State, compile_graph
+
+if TYPE_CHECKING:
+    from ..metrics import MetricSums
+
+COMPILE_MODES = ("off", "passes", "whole", "graphs")
 
 
 class Population:
-    def __init__(self, sac: SAC, seeds: list[int], device: torch.device) -> None:
-        self.sac, self.seeds, self.device = sac, list(seeds), device
+    def __init__(self, sac: SAC, seeds: list[int], device: torch.device, compile: str = "off") -> None:
+        self.sac, self.seeds, self.device, self.compile = sac, list(seeds), device, compile
         agents = [sac.init_state(seed) for seed in seeds]
         self.state: State = tree_map(lambda *leaves: torch.stack(leaves).to(device), *agents)
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self._step = self._update_and_sum
+        if compile in ("whole", "graphs"):
+            mode = "reduce-overhead" if compile == "graphs" else None
+            self._step = compile_graph(self._update_and_sum, mode)
 
     @property
     def size(self) -> int:
@@ -48,16 +65,38 @@ class Population:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         return to_host(self.act(obs_t, deterministic=True))
 
-    def update(self, batch: Batch, diagnostics: bool = False, validation: Batch | None = None) -> dict[str, Tensor]:
-        """One SAC update of every seed on its own batch [S, K, B, ...] (``SAC.update``); with
-        ``validation``, held-out data for a method that learns from a main task."""
+    def update(self, batch: Batch, diagnostics: bool = False, validation: Batch | None = None,
+               sums: MetricSums | None = None) -> dict[str, Tensor]:  # fmt: skip
+        """One SAC update of every seed on its own batch [S, K, B, ...] (``SAC.update``), added into
+        ``sums`` when given; with ``validation``, held-out data for a method that learns from a main
+        task. Returns the update's metrics (under CUDA graphs, valid until the next update)."""
+        noise, uniform, validation_noise = self.random_numbers(batch, validation)
+        if self.compile == "graphs":  # written in place by the graph: kept where they are (a cheap mark)
+            for t in [*tree_leaves(self.state), *([] if sums is None else sums.tensors())]:
+                torch._dynamo.mark_static_address(t)
+            torch.compiler.cudagraph_mark_step_begin()  # the last update's outputs are not read again
+        return self._step(self.state, sums, batch, noise, uniform, diagnostics, validation, validation_noise)
+
+    def _update_and_sum(self, state: State, sums: MetricSums | None, batch: Batch, noise: Tensor, uniform: Tensor,
+                        diagnostics: bool, validation: Batch | None, validation_noise: Tensor | None
+                        ) -> dict[str, Tensor]:  # fmt: skip
+        """The update as one function of tensors (what "whole" and "graphs" compile)."""
+        metrics = self.sac.update(state, batch, noise, uniform, diagnostics, validation, validation_noise)
+        if sums is not None:
+            sums.add_(metrics)
+        return metrics
+
+    def random_numbers(self, batch: Batch, validation: Batch | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """An update's random numbers, each seed's from its own generator (outside any compiled
+        graph): the policy noise [S, 2, K, B, A], the aggregators' uniform numbers [S, 2, K, K]
+        (float64) and the held-out pass's noise (None without ``validation``)."""
         _, k, b = batch.reward.shape
         noise = self._normal((2, k, b, self.sac.action_dim))
         uniform = torch.stack([
             torch.rand(2, k, k, dtype=torch.float64, generator=g, device=self.device) for g in self.generators
         ])  # fmt: skip
         validation_noise = None if validation is None else self._normal((2, k, b, self.sac.action_dim))
-        return self.sac.update(self.state, batch, noise, uniform, diagnostics, validation, validation_noise)
+        return noise, uniform, validation_noise
 
     def _normal(self, shape: tuple[int, ...]) -> Tensor:
         """[S, *shape]: standard normal numbers, each seed's from its own generator."""

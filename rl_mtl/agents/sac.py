@@ -230,10 +230,25 @@ def copy_tree_(dst: Any, src: Any) -> None:
         d.copy_(s)
 
 
+# Dynamo keeps its graphs per code object, and every compiled pass is a closure over the same code
+# (vmap's wrapper; a population's update is one method of the class): it counts their graphs as
+# recompilations of that code, with `fullgraph` a hard failure past its limit (8). A process that
+# builds several agents (a benchmark's dozens of variants, the tests) needs room for all of them.
+RECOMPILE_LIMIT = 512
+
+
+def compile_graph(fn: Callable, mode: str | None = None) -> Callable:
+    """``fn`` compiled whole: ``fullgraph`` because a graph break would silently leave part of it
+    eager; ``dynamic=False`` because a run's shapes never change."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, RECOMPILE_LIMIT
+    )
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+
+
 def maybe_compile(fn: Callable, enabled: bool) -> Callable:
-    """``fn``, or ``fn`` compiled whole: ``fullgraph`` because a graph break would silently
-    leave part of it eager; ``dynamic=False`` because a run's shapes never change."""
-    return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn
+    return compile_graph(fn) if enabled else fn
 
 
 class SAC:

@@ -186,3 +186,46 @@ def cagrad_primal_cvxpy(a: Tensor, c: float) -> tuple[Tensor, float]:
     problem = cp.Problem(cp.Maximize(t), [gram @ v >= t, cp.norm(root @ (v - mean), 2) <= radius])
     _solve(problem)
     return torch.as_tensor(v.value, dtype=a.dtype).to(a.device), float(t.value)
+
+
+def cagrad_slsqp(a: Tensor, c: float) -> Tensor:
+    """CAGrad's dual solved as its authors' code does: SLSQP (scipy's defaults) from the uniform
+    weights on w . (A 1/K) + c |g_0| sqrt(w^T A w + 1e-8), with bounds 0 <= w <= 1 and sum w = 1.
+    The benchmarks' yardstick for the native solver's speed."""
+    from scipy.optimize import minimize
+
+    gram = _to_numpy(a)
+    k = gram.shape[0]
+    mean = np.ones(k) / k
+    linear = gram @ mean
+    radius = c * np.sqrt(max(mean @ linear, 0.0))
+
+    def objective(w: np.ndarray) -> float:
+        return float(w @ linear + radius * np.sqrt(w @ gram @ w + 1e-8))
+
+    result = minimize(objective, mean, bounds=[(0.0, 1.0)] * k,
+                      constraints=({"type": "eq", "fun": lambda w: 1.0 - w.sum()},))  # fmt: skip
+    return torch.as_tensor(result.x, dtype=a.dtype).to(a.device)
+
+
+def mgda_frank_wolfe(a: Tensor, epsilon: float = 1e-3, max_iters: int = 250) -> Tensor:
+    """The min-norm point by Frank-Wolfe, as Sener & Koltun's MGDA-UB and torchjd's MGDA run it:
+    from the uniform weights, each iteration moves toward the vertex of least (A w)_i by the exact
+    line search between the two points, until the weights change by less than ``epsilon`` (L1)
+    or after ``max_iters``. The benchmarks' yardstick for the native solver's speed."""
+    gram = _to_numpy(a)
+    k = gram.shape[0]
+    w = np.ones(k) / k
+    for _ in range(max_iters):
+        aw = gram @ w
+        t = int(np.argmin(aw))
+        current, cross, vertex = w @ aw, aw[t], gram[t, t]  # |g_w|^2, g_w . g_t, |g_t|^2
+        denominator = current - 2.0 * cross + vertex
+        step = 1.0 if denominator <= 0 else min(max((current - cross) / denominator, 0.0), 1.0)
+        new = (1.0 - step) * w
+        new[t] += step
+        change = np.abs(new - w).sum()
+        w = new
+        if change < epsilon:
+            break
+    return torch.as_tensor(w, dtype=a.dtype).to(a.device)

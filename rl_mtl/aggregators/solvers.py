@@ -1,12 +1,12 @@
 """Native solvers for the small convex problems behind the aggregators.
 
-Both solvers are damped Newton methods on K x K systems, in float64, with a fixed iteration
-budget and a *parallel* backtracking line search (all step sizes 1, 1/2, 1/4, ... are tried at
-once and the largest acceptable one is taken with tensor ops). That keeps them free of
-data-dependent Python branches inside an iteration, so that they run without reading anything
-back to the host. Where a read-back costs nothing (the CPU, ``may_read_back``) they stop as soon
-as they have converged; elsewhere (the GPU, inside ``vmap`` over seeds, under ``sync_free()``)
-they run their whole budget, sized from measured convergence (``fair_weights``).
+``fair_weights`` (Nash-MTL, FairGrad) is a damped Newton method on K x K systems; ``active_set``
+(MGDA, CAGrad) a primal active-set method over the simplex or the orthant. Both work in float64
+with a fixed iteration budget, written without data-dependent Python branches inside an
+iteration (the choices are tensor ops), so that they run without reading anything back to the
+host. Where a read-back costs nothing (the CPU, ``may_read_back``) they stop as soon as they have
+converged; elsewhere (the GPU, inside ``vmap`` over seeds, under ``sync_free()``, in a compiled
+update) they run their whole budget, sized from measured convergence.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def may_read_back(like: Tensor) -> bool:
     """Whether a solver may test convergence on the host: only on the CPU, where the test costs
     nothing, and not while a compiled graph is traced (it would break the graph); on the GPU it
     would stall the stream in the middle of every update."""
-    return like.device.type == "cpu" and _sync_free_depth == 0 and not torch.compiler.is_compiling()
+    # is_compiling() first: a traced graph then never reads (so never guards on) the global
+    return not torch.compiler.is_compiling() and like.device.type == "cpu" and _sync_free_depth == 0
 
 
 # Step sizes tried by the line search: 1, 1/2, ..., 2^-39.
@@ -156,50 +157,68 @@ def fair_residual(a: Tensor, w: Tensor, alpha: float, powers: Tensor | None = No
     return ((a @ w) * w.pow(1.0 / alpha) / p - 1.0).abs().max()
 
 
-def barrier_minimize(
-    value: Callable[[Tensor], Tensor],
-    grad_hess: Callable[[Tensor], tuple[Tensor, Tensor]],
-    start: Tensor,
-    simplex: bool = True,
-    t_start: float = 1.0,
-    t_factor: float = 10.0,
-    t_final: float = 1e14,
-    newton_per_t: int = 4,
-) -> Tensor:
-    """Minimise a smooth convex F over the probability simplex (``simplex``) or the positive
-    orthant with a log-barrier method, from the feasible point ``start``.
+Face = Callable[[Tensor], Tensor]
 
-    Follows the central path of t F(w) - sum_i log w_i (subject to sum w = 1 on the simplex),
-    multiplying t by ``t_factor`` after ``newton_per_t`` Newton steps. At t the duality gap is
-    at most K / t, so the default schedule ends with a gap below 1e-12 for K <= 100.
-    ``value`` takes a batch [..., K]; ``grad_hess`` one point [K].
+
+def active_set(
+    face: Face, gradient: Callable[[Tensor], Tensor], start: Tensor, free: Tensor, simplex: bool, max_iter: int
+) -> tuple[Tensor, Tensor]:
+    """Minimise a convex f over the probability simplex (``simplex``) or the orthant x >= 0 by a
+    primal active-set method; returns (x, converged).
+
+    ``free`` [K] (bool) marks the coordinates not held at 0 (the face of the feasible set the
+    iterate is on); ``face(free)`` gives the minimiser of f over that face's affine hull (0 off
+    ``free``, and sum x = 1 on the simplex; where f is unbounded below there, any point far
+    along a descent ray), ``gradient(x)`` f's gradient. Each iteration moves from x toward the
+    face's minimiser z. If a coordinate reaches 0 first, x stops there and that coordinate
+    leaves ``free`` (f does not increase along the way: it is convex and f(z) <= f(x)). If z is
+    reached, the KKT multipliers of the held coordinates decide: all >= 0 means z is optimal;
+    otherwise the most negative one's coordinate joins ``free``. Converged iterations repeat
+    themselves, so running the whole budget (the GPU path) returns the optimum too.
+
+    Measured on 540 random Gramians (correlated, conflicting, rank-deficient, norms spread 100x),
+    MGDA (from the uniform weights, all free) and CAGrad's dual (from its best vertex) took at
+    most 15 iterations for K = 10, 23 for K = 20 and 63 for K = 50, against a budget of 2K + 2
+    (``active_set_budget``), and reached cvxpy's optimum every time.
     """
-    w = start
-    ones = torch.ones_like(w)
-    read_back = may_read_back(w)
-    steps = _trial_steps(w)
-    t = t_start
-    while True:
-        tt = t
+    x = start
+    read_back = may_read_back(x)
+    index = torch.arange(x.shape[0], device=x.device)
+    converged = torch.zeros((), dtype=torch.bool, device=x.device)
+    for _ in range(max_iter):
+        z = face(free)
+        ratios = torch.where(free & (z < 0), x / (x - z), torch.inf)  # steps at which x_i reaches 0
+        step, blocking = ratios.min(dim=0)
+        reached = step >= 1
+        g = gradient(z)
+        # simplex: on the face, the gradient equals the sum constraint's multiplier nu everywhere
+        nu = torch.where(free, g, 0.0).sum() / free.sum() if simplex else torch.zeros_like(step)
+        lowest, entering = torch.where(free, torch.inf, g - nu).min(dim=0)
+        optimal = lowest >= -1e-12 * (1.0 + nu.abs())
+        converged = reached & optimal
+        stopped = torch.where(index == blocking, 0.0, torch.lerp(x, z, step.clamp(max=1.0)))
+        x = torch.where(reached, z, stopped)
+        free = torch.where(reached, free | ((index == entering) & ~optimal), free & (index != blocking))
+        if read_back and bool(converged):
+            break
+    return x, converged
 
-        def barrier_value(x: Tensor, tt: float = tt) -> Tensor:
-            return tt * value(x) - torch.log(x).sum(-1)
 
-        for _ in range(newton_per_t):
-            g, h = grad_hess(w)
-            g = tt * g - 1.0 / w
-            h = tt * h + torch.diag(1.0 / (w * w))
-            if simplex:  # on the plane sum(dw) = 0: dw = -H^-1 (g + nu 1), nu from 1^T dw = 0
-                sol = torch.linalg.solve_ex(h, torch.stack([g, ones], dim=1))[0]
-                nu = -sol[:, 0].sum() / sol[:, 1].sum()
-                dw = -(sol[:, 0] + nu * sol[:, 1])
-                dw = dw - dw.mean()  # remove rounding drift off the plane
-            else:
-                dw = -torch.linalg.solve_ex(h, g)[0]
-            slope = g @ dw  # -lambda^2: the Newton decrement of the barrier problem
-            w = torch.addcmul(w, _line_search(barrier_value, w, dw, slope, steps), dw)
-            if read_back and bool(slope > -1e-12):
-                break  # centred for this t
-        if t >= t_final:
-            return w
-        t = min(t * t_factor, t_final)
+def active_set_budget(k: int) -> int:
+    """``active_set``'s iterations: 2K + 2 (see its measurements)."""
+    return 2 * k + 2
+
+
+def face_solve(a: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
+    """Y [K, R] with A_FF Y_F = rhs_F and Y = 0 off F = ``free``: one K x K solve, the held rows
+    and columns replaced by the identity's (so that a batched or compiled solve keeps its shape)."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    system = torch.where(free[:, None] & free[None, :], a, eye)
+    return torch.linalg.solve_ex(system, torch.where(free[:, None], rhs, 0.0))[0]
+
+
+def with_ridge(a: Tensor, ridge: float = 1e-13) -> Tensor:
+    """A + ridge * mean(diag A) I: unique face minimisers where the Gramian is singular on a face
+    (duplicate or opposite tasks), at a cost of ~ridge in the objective."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return a + ridge * torch.diagonal(a).mean() * eye

@@ -1,4 +1,4 @@
-"""``python -m rl_mtl.bench {aggregators,train}``."""
+"""``python -m rl_mtl.bench {aggregators,train,goals}``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..config import ConfigError
-from . import aggregators, train
+from . import aggregators, goals, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,9 +17,11 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser("aggregators", help="aggregator solve times, Nash native vs cvxpy, per-task gradient cost")
     )
     train.add_arguments(sub.add_parser("train", help="update time, kernels and training throughput per method"))
+    goals.add_arguments(sub.add_parser("goals", help="the speed goals' verdicts from bench train results"))
     args = parser.parse_args(argv)
+    commands = {"aggregators": aggregators.run, "train": train.run, "goals": goals.run}
     try:
-        result = aggregators.run(args) if args.command == "aggregators" else train.run(args)
+        result = commands[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

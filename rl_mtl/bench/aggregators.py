@@ -18,7 +18,9 @@ from torch.func import functional_call
 
 from ..aggregators import METHODS, aggregate, make_aggregator
 from ..aggregators.base import normalize_gramian
-from ..aggregators.reference import nash_cvxpy
+from ..aggregators.cagrad import cagrad_dual_weights
+from ..aggregators.mgda import min_norm_weights
+from ..aggregators.reference import cagrad_cvxpy, cagrad_slsqp, mgda_cvxpy, mgda_frank_wolfe, nash_cvxpy
 from ..aggregators.solvers import sync_free
 from ..gradients import task_gradients, task_gradients_loop
 from ..runtime import resolve_device
@@ -58,6 +60,56 @@ def bench_weights(device: torch.device, sizes: list[int], rounds: int) -> list[d
                 "nashmtl_max_rel_diff": rel,
             }
         )
+    return rows
+
+
+def _conflicting_gramian(k: int, seed: int = 0) -> torch.Tensor:
+    """float64 Gramian of K task gradients (dimension 4K) sharing a common part, norms spread 10x,
+    a few of them turned against the rest: the kind of conflict the aggregators exist for."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(k, 4 * k, dtype=torch.float64, generator=gen)
+    grads = grads + 1.5 * torch.randn(4 * k, dtype=torch.float64, generator=gen)
+    grads[: max(k // 4, 1)] *= -0.5
+    grads *= torch.logspace(-0.5, 0.5, k, dtype=torch.float64)[:, None]
+    return grads @ grads.T
+
+
+SIMPLEX_C = 0.4  # CAGrad's c (its default)
+
+
+def _simplex_problems(a: torch.Tensor, device: torch.device) -> dict[str, tuple[dict[str, Any], Any]]:
+    """For MGDA and CAGrad's dual on the normalised Gramian ``a``: the solvers (name -> call) and
+    the objective they minimise."""
+    k = a.shape[0]
+    a_dev = a.to(device)
+    mean = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    linear = a @ mean
+    radius = SIMPLEX_C * torch.sqrt(mean @ linear)
+    return {
+        "mgda": ({"native (active set)": lambda: min_norm_weights(a_dev)[0],
+                  "Frank-Wolfe (torchjd's, MGDA-UB)": lambda: mgda_frank_wolfe(a),
+                  "cvxpy": lambda: mgda_cvxpy(a)},
+                 lambda w: 0.5 * w @ a @ w),
+        "cagrad": ({"native (active set)": lambda: cagrad_dual_weights(a_dev, SIMPLEX_C)[0],
+                    "SLSQP (the authors' code)": lambda: cagrad_slsqp(a, SIMPLEX_C),
+                    "cvxpy": lambda: cagrad_cvxpy(a, SIMPLEX_C)},
+                   lambda w: w @ linear + radius * torch.sqrt(w @ a @ w)),
+    }  # fmt: skip
+
+
+def bench_simplex_solvers(device: torch.device, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+    """MGDA's and CAGrad's solves against reference solvers of the same problems: time and the
+    objective reached (its excess over the best of the solvers; the references run on the host)."""
+    rows = []
+    for k in sizes:
+        problems = _simplex_problems(normalize_gramian(_conflicting_gramian(k))[0], device)
+        for problem, (solvers, objective) in problems.items():
+            times = time_interleaved(solvers, device, rounds)
+            values = {name: float(objective(solve().cpu().double())) for name, solve in solvers.items()}
+            best = min(values.values())
+            for name in solvers:
+                rows.append({"K": k, "problem": problem, "solver": name, "ms": times[name] * 1e3,
+                             "objective": values[name], "excess": values[name] - best})  # fmt: skip
     return rows
 
 
@@ -161,6 +213,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"published/newton = {row['nashmtl_published_over_newton']:7.1f}x   "
             f"max relative weight difference (newton vs cvxpy) = {row['nashmtl_max_rel_diff']:.2e}"
         )
+    simplex = bench_simplex_solvers(device, sizes, rounds)
+    print(
+        f"\nMGDA's and CAGrad's (c={SIMPLEX_C}) solves vs reference solvers of the same problems (conflicting "
+        "task gradients, norms spread 10x; excess: objective above the best of the three; references on the host):"
+    )
+    print(f"  {'K':>3} {'problem':<8} {'solver':<34} {'ms':>9} {'objective excess':>17}")
+    for row in simplex:
+        print(f"  {row['K']:>3} {row['problem']:<8} {row['solver']:<34} {row['ms']:>9.3f} {row['excess']:>17.2e}")
     seeds = bench_seed_aggregation(device, rounds)
     print(
         f"\n{seeds[0]['seeds']} seeds' aggregators (train --seeds), K={seeds[0]['K']}, on the GPU path (no host "
@@ -195,6 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"separate / mean-loss = {grads['separate_over_mean']:.2f}x"
     )
     return {
-        "device": str(device), "torch": torch.__version__, "weights": weights, "seed_aggregation": seeds,
+        "device": str(device), "torch": torch.__version__, "weights": weights, "simplex_solvers": simplex,
+        "seed_aggregation": seeds,
         "task_gradients": grads,
     }  # fmt: skip

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..agents.networks import ARCHITECTURES
+from ..agents import ARCHITECTURES, COMPILE_MODES
 from ..aggregators import METHODS
 from ..aggregators.solvers import sync_free
 from ..config import ConfigError, load_config
 from ..envs import VectorEnvRunner, make_vector_env, task_names
 from ..training import Training
-from .timing import count_kernels, sync
+from .timing import count_executed, profile_compiled_kernels, sync
 
 DEFAULT_METHODS = ["ls", "nashmtl", "fairgrad", "pcgrad", "cagrad"]
 PROTOCOL_STEPS, PROTOCOL_SEEDS = 2_000_000, 10
@@ -44,11 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds", type=int, default=1, help="seeds trained together per method, as with train --seeds (default 1)"
     )
-    parser.add_argument(
-        "--compare-compile",
-        action="store_true",
-        help="time every method both eager and compiled (train.compile=false/true), side by side",
-    )
+    parser.add_argument("--compile", nargs="+", choices=COMPILE_MODES, dest="compile_modes",
+                        help="time every method in each of these train.compile modes, side by side "
+                             "(default: as configured)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="smoke config and a tiny budget (CI)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
@@ -78,11 +76,13 @@ def env_only_throughput(envs: list[Any], num_tasks: int, steps: int, rounds: int
 
 
 def kernels_per_update(training: Training) -> int:
-    """ATen kernels one update dispatches on the GPU path (no host reads; compiled passes run
-    eagerly for the count): on a GPU, where small kernels cost their launch, a measure of the
-    update's cost that this machine can take whatever its device. One extra update."""
-    with torch.compiler.set_stance("force_eager"), sync_free():
-        return count_kernels(lambda: training.learn(diagnostics=False))
+    """Kernels one update executes on the GPU path (no host reads), as it runs in its mode
+    (``timing.count_executed``): on a GPU, where small kernels cost their launch, a measure of
+    the update's cost that this machine can take whatever its device. Two extra updates: the
+    first outside the count (first-call work on this path)."""
+    with sync_free():
+        training.learn(diagnostics=False)
+        return count_executed(lambda: training.learn(diagnostics=False), training.device)
 
 
 def train_steps(training: Training, steps: int) -> None:
@@ -102,10 +102,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = 10 if args.quick else args.steps
     rounds = 2 if args.quick else args.rounds
     warmup = 2 * steps
+    batch = load_config(config, args.overrides, device=args.device).train.batch_size_per_task
     overrides = [
         *args.overrides,
         f"train.warmup_steps={warmup}",
-        f"train.buffer_capacity_per_task={warmup + 4 * steps}",
+        f"train.buffer_capacity_per_task={max(warmup + 4 * steps, batch)}",  # what the timed blocks store
     ]
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
@@ -114,18 +115,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     architectures = args.architectures or [base.agent.architecture]
     tasks = task_names(base.env)
     envs = [make_vector_env(base.env, seed) for seed in seeds]  # one per seed, shared by every variant
-    compiles = [False, True] if args.compare_compile else [None]  # train.compile; None: as configured
-    trainings: dict[tuple[str, str, bool | None], Training] = {}
-    for variant in itertools.product(architectures, args.methods, compiles):
-        architecture, method, compiled = variant
-        switch = [f"agent.architecture={architecture}"] + ([] if compiled is None else
-                                                           [f"train.compile={str(compiled).lower()}"])  # fmt: skip
+    modes = args.compile_modes or [None]  # train.compile; None: as configured
+    profile_compiled_kernels()
+    trainings: dict[tuple[str, str, str | None], Training] = {}
+    for variant in itertools.product(architectures, args.methods, modes):
+        architecture, method, mode = variant
+        switch = [f"agent.architecture={architecture}"] + ([] if mode is None else [f"train.compile={mode}"])
         runs = [(load_config(config, [*overrides, *switch], device=args.device, method=method, seed=seed),
                  Path("unused"), None) for seed in seeds]  # fmt: skip
         trainings[variant] = Training(runs, envs=envs, eval_envs=envs, log=False)
     lead = next(iter(trainings.values()))
     device = lead.device
-    compile_note = "both" if args.compare_compile else lead.compiled
+    compile_note = " ".join(args.compile_modes) if args.compile_modes else lead.compile_mode
     print(f"device: {device}  config: {config}  tasks: {len(tasks)}  seeds together: {len(seeds)}  "
           f"vector strategy: {base.env.vector_strategy}  overlap: {lead.overlap}  compile: {compile_note}  "
           f"networks: {base.agent.hidden_sizes}  batch: {base.train.batch_size_per_task}/task  "
@@ -159,19 +160,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = math.ceil(PROTOCOL_SEEDS / len(seeds))  # seed batches run one after another
     update = {v: statistics.median(times) for v, times in update_ms.items()}
     rows = []
-    for (architecture, method, compiled), training in trainings.items():
-        ls = (architecture, "ls", compiled)  # ls of the same architecture and compile switch
-        eager = (architecture, method, False) if args.compare_compile and compiled else None
-        upd, sps = (
-            update[(architecture, method, compiled)],
-            statistics.median(train_sps[(architecture, method, compiled)]),
-        )
-        count = kernels[(architecture, method, compiled)]
+    for (architecture, method, mode), training in trainings.items():
+        ls = (architecture, "ls", mode)  # ls of the same architecture and mode
+        eager = (architecture, method, "off") if mode not in (None, "off") else None
+        upd, sps = update[(architecture, method, mode)], statistics.median(train_sps[(architecture, method, mode)])
+        count = kernels[(architecture, method, mode)]
         rows.append({
-            "architecture": architecture, "method": method, "compiled": training.compiled, "update_ms": upd,
+            "architecture": architecture, "method": method, "compile": training.compile_mode, "update_ms": upd,
             "update_over_ls": upd / update[ls] if ls in update else None, "kernels_per_update": count,
             "kernels_over_ls": count / kernels[ls] if ls in kernels else None,
-            "update_over_eager": upd / update[eager] if eager else None,
+            "update_over_eager": upd / update[eager] if eager in update else None,
             "train_steps_per_s": sps, "train_over_env_only": sps / env_sps,
             "protocol_hours_10_seeds": batches * PROTOCOL_STEPS / sps / 3600,
         })  # fmt: skip
@@ -185,16 +183,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = ("update_over_ls", "update_over_eager", "kernels_over_ls")
         ratios = ["-" if r[key] is None else f"{r[key]:.2f}x" for key in keys]
         label = r["method"] + (f" [{r['architecture']}]" if len(architectures) > 1 else "")
-        label += " (compiled)" if r["compiled"] else ""
+        label += f" ({r['compile']})"
         print(f"{label:<{width}} {r['update_ms']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {r['kernels_per_update']:>8} "
               f"{ratios[2]:>6} {r['train_steps_per_s']:>14.1f} {r['train_over_env_only']:>10.2f}x "
               f"{r['protocol_hours_10_seeds']:>31.1f} h")  # fmt: skip
     print(
-        "\n(medians over interleaved timed blocks; a step is one vector step of every seed; kernels: ATen kernels "
-        "one update dispatches on the GPU path, run eagerly, one launch each on a GPU; the wall-clock column "
+        "\n(medians over interleaved timed blocks; a step is one vector step of every seed; kernels: what one "
+        "update (sampling included) executes on the GPU path as its mode runs it: the eager parts' operator calls "
+        "and a compiled graph's generated and external kernels; on CUDA the kernel launches, a CUDA graph one; "
+        "the wall-clock column "
         "extrapolates the measured training throughput of this config to 10 seeds of 2M steps, run in batches "
         "of --seeds, evaluations excluded)"
     )
     return {"device": str(device), "config": config, "tasks": len(tasks), "seeds": len(seeds),
-            "compare_compile": args.compare_compile, "steps_per_block": steps, "rounds": rounds,
+            "compile_modes": args.compile_modes, "steps_per_block": steps, "rounds": rounds,
             "env_only_steps_per_s": env_sps, "methods": rows}  # fmt: skip
