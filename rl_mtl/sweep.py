@@ -31,6 +31,7 @@ from typing import Any
 from .aggregators import METHODS
 from .checkpoint import CheckpointError, saved_steps
 from .config import ConfigError, load_config, parse_seeds
+from .envs import task_names
 from .metrics import METRICS_NAME
 from .run_dir import CONFIG_NAME, default_run_dir, lock_holder, runs_root
 
@@ -116,8 +117,9 @@ def start_job(job: Job, config: str, overrides: list[str], device: str | None, t
     with job.log_path.open("a") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}, started by pid {os.getpid()}\n")
         log.flush()
+        # its own session: a terminal's Ctrl-C reaches only the sweep, which signals each job once
         return subprocess.Popen(train_argv(job, config, overrides, device), stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=_die_with_parent)  # fmt: skip
+                                env=env, preexec_fn=_die_with_parent, start_new_session=True)  # fmt: skip
 
 
 LOCK_WAIT_S = 300  # longer than an NFS lease (90 s by default): a lost node's locks are released by then
@@ -183,8 +185,11 @@ class Progress:
     def refresh(self) -> None:
         done = sum(min(last_step(d), j.total_steps) for j in self.jobs for d in j.run_dirs)
         finished = sum(j.returncode == 0 for j in self.jobs)
+        failed = sum(j.returncode not in (None, 0) for j in self.jobs)
+        running = sum(j.started > 0 and j.returncode is None for j in self.jobs)
         self.bar.update(done - self.bar.n)
-        self.bar.set_postfix_str(f"jobs {finished}/{len(self.jobs)} done", refresh=False)
+        self.bar.set_postfix_str(f"jobs {finished}/{len(self.jobs)} done, {running} running, {failed} failed",
+                                 refresh=False)  # fmt: skip
 
     def close(self) -> None:
         self.refresh()
@@ -215,16 +220,18 @@ def run_local(jobs: list[Job], config: str, overrides: list[str], device: str | 
     threads = max(1, (os.cpu_count() or 1) // parallel)  # no oversubscription of the cores
     running: dict[subprocess.Popen, Job] = {}
     progress, stop = Progress(todo), Stop()
+    signalled: set[subprocess.Popen] = set()
     try:
         while (todo and not stop.requested) or running:
             while todo and len(running) < parallel and not stop.requested:
                 job = todo.pop(0)
                 running[start_job(job, config, overrides, device, threads)], job.started = job, time.time()
                 progress.event(job, f"running (log: {job.log_path})")
-            if stop.requested:
-                for proc in running:
+            if stop.requested:  # once per job: a second signal would make it exit without saving
+                for proc in running.keys() - signalled:
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGTERM)
+                        signalled.add(proc)
             for proc in [p for p in running if p.poll() is not None]:
                 job = running.pop(proc)
                 job.returncode, job.seconds = proc.returncode, time.time() - job.started
@@ -354,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
               f"earlier, {count['busy']} written elsewhere")  # fmt: skip
         if args.backend == "ray":
             env = load_config(args.config, args.overrides).env
-            processes = {"MT10": 10, "MT50": 50}.get(env.benchmark, len(env.tasks)) * args.seeds_per_job
+            processes = len(task_names(env)) * args.seeds_per_job  # an async vector env: a process per task
             cpus = args.cpus_per_job or (processes if env.vector_strategy == "async" else 1)
             run_ray(jobs, args.config, args.overrides, args.device, args.address, cpus, args.gpus_per_job, args.retries)
         else:

@@ -10,6 +10,7 @@ trained alone, and its checkpoint resumes alone or with others.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from .checkpoint import (
     make_current,
     resume_points,
     save_checkpoints,
+    saved_steps,
 )
 from .config import (
     RESUMABLE_KEYS,
@@ -120,7 +122,11 @@ def resumed_runs(run_dirs: list[Path], config_name: str | None, overrides: list[
             lock_run_dir(run_dir)
     configs = [_resumed_config(run_dir, config_name, overrides, explicit) for run_dir in run_dirs]
     points = resume_points(run_dirs)
-    if points is None:
+    if points is None and any(saved_steps(d) for d in run_dirs) and not _trained_together(run_dirs):
+        saved = ", ".join(str(d) for d in run_dirs if saved_steps(d))
+        raise RunDirError(f"{saved} have checkpoints and the other runs none, and they were not trained together; "
+                          "resume them in separate commands")  # fmt: skip
+    if points is None:  # none has a checkpoint, or a population was stopped while writing its first set
         if lock:
             for run_dir in run_dirs:
                 _set_aside_first_attempt(run_dir)
@@ -176,6 +182,15 @@ def _check_identity(run_dir: Path, cfg: Config, state: dict[str, Any]) -> None:
             f"{where} belongs to another run: its config differs from {run_dir / CONFIG_NAME} in "
             f"{', '.join(differing)}. Put this run's own checkpoint back, or start the run again in a new directory"
         )
+
+
+def _trained_together(run_dirs: list[Path]) -> bool:
+    """Whether ``run_dirs`` are the whole population one process trained (their run.json)."""
+    try:
+        infos = [json.loads((d / RUN_INFO_NAME).read_text()) for d in run_dirs]
+        return all(sorted(i["population"]) == sorted(x["seed"] for x in infos) for i in infos)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _set_aside_first_attempt(run_dir: Path) -> None:
@@ -258,6 +273,10 @@ class Training:
             raise ConfigError(f"method_options.{cfg.method}: {err}") from err
         except ValueError as err:
             raise ConfigError(f"agent.architecture_options.{cfg.agent.architecture}: {err}") from err
+        if self.compile_mode in ("whole", "graphs") and not self.sac.aggregator.on_device:
+            raise ConfigError(f"train.compile={self.compile_mode} compiles the whole update, but {cfg.method} with "
+                              f"method_options {options} solves on the host; use its native solver or "
+                              "train.compile=passes")  # fmt: skip
         capacity = cfg.train.buffer_capacity_per_task
         self.replay = ReplayBuffer([s + 1 for s in seeds], k, capacity, obs_dim, action_dim, self.device)
         self.normalizer = RewardNormalizer(len(seeds), k, cfg.env.reward_norm_rate) if cfg.env.reward_normalization \

@@ -7,7 +7,7 @@
 #       whole-update compiled and CUDA-graph modes; async envs), writes every result as JSON into
 #       RESULTS_DIR (or $GPU_CHECK_RESULTS; default gpu-check-results/) and ends with one verdict
 #       line per speed goal. Without CUDA, or with --dry-run, it stops after the install and import
-#       checks and says so (exit 0). Phases that would overrun $GPU_CHECK_BUDGET_S (default 450 s)
+#       checks and says so (exit 0). Phases that would overrun $GPU_CHECK_BUDGET_S (default 500 s)
 #       are skipped and reported as skipped.
 #
 #   scripts/gpu_check.sh --download-wheels [PYTHON_VERSION]
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-500}
 # What a CUDA image with PyTorch usually lacks (about 47 MB of wheels); everything else the checks
 # import (numpy, scipy, yaml, tensorboard, safetensors, tqdm, imageio, etils, pytest) it has. Left
 # out, to stay small: cvxpy and its solvers (scs alone is 43 MB), torchjd and ray, used only by

@@ -321,6 +321,7 @@ def test_weights_keep_dtype_and_device(method, dtype):
     assert w.dtype == dtype and w.device == m.device and w.shape == (4,)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_cuda_matches_cpu(method):

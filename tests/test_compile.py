@@ -88,6 +88,12 @@ def test_the_compiled_update_is_the_eager_update_on_cuda(mode):
     _assert_same_update([0, 1], torch.device("cuda"), mode, nan_seed=1)
 
 
+def test_a_host_side_solver_is_refused_where_the_whole_update_is_compiled(tmp_path, capsys):
+    host = ["--set", "train.compile=whole", "--set", "method_options.nashmtl={solver: cvxpy}"]
+    assert main(["--config", "smoke", "--method", "nashmtl", "--run-dir", str(tmp_path / "r"), *host]) == 2
+    assert "solves on the host; use its native solver or train.compile=passes" in capsys.readouterr().err
+
+
 def test_auto_compiles_on_the_cpu_when_a_compiler_is_installed(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto, on, off, whole, graphs = (load_config("smoke", [f"train.compile={v}"])

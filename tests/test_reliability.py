@@ -334,6 +334,21 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_finished_run_resumed_beside_a_stranger_without_checkpoints_is_not_restarted(tmp_path, capsys):
+    """Only seeds trained together can lack checkpoints because their first set was cut short;
+    a run with checkpoints resumed beside a separate run without any must not start again."""
+    done, fresh = tmp_path / "done", tmp_path / "fresh"
+    assert _train(done) == 0
+    cfg = load_config("smoke", TINY, method="ls", seed=1)
+    assert run([(cfg, fresh, None)], progress=False, stop_at_step=20) == EXIT_INTERRUPTED  # before step 50
+    before = (done / "metrics.jsonl").read_bytes()
+    assert _resume(done, fresh, extra=("--set", "train.total_steps=150")) == 2
+    assert "were not trained together; resume them in separate commands" in capsys.readouterr().err
+    assert (done / "metrics.jsonl").read_bytes() == before and not list(done.glob("aborted-*"))
+    assert load_checkpoint(done / CHECKPOINT_NAME)["step"] == 100
+
+
+@pytest.mark.slow
 def test_sigterm_during_start_up_says_what_happened(tmp_path):
     cmd = [sys.executable, "-m", "rl_mtl.train", "--config", "smoke", "--run-dir", str(tmp_path / "run"),
            "--no-progress"]  # fmt: skip

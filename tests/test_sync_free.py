@@ -65,6 +65,7 @@ def test_solving_without_read_backs_gives_the_converged_weights(method):
         assert early.fallbacks == full.fallbacks == 0, f"{method}, K={k}"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # IMTL-G's torch.linalg.eigh checks its result on the host on CUDA (no _ex variant exists)
 @pytest.mark.parametrize(("method", "architecture"), [c for c in CASES if c[0] != "imtlg"])

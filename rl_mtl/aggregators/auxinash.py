@@ -100,7 +100,8 @@ class AuxiNash(NashMTL):
 
     def learn_powers(self, gramian: Tensor, state: State, alignment: Tensor) -> State:
         """One step of p from this update's Gramian, the last solve's alpha and the alignment G s
-        [K]; p stays as it is where any of them is not finite (a skipped update) or alpha not > 0."""
+        [K]; p stays as it is where any of them is not finite or alpha not > 0 (a seed whose critic step
+        was skipped but whose actor gradients are finite still steps its actor's powers)."""
         m, alpha, p = gramian.detach().to(torch.float64), state["alpha"], state["powers"]
         grad = -power_gradient(m, alpha, p, alignment.to(torch.float64))
         ok = torch.isfinite(grad).all() & (alpha > 0).all()

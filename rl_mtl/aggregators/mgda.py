@@ -30,8 +30,8 @@ class MGDA(Aggregator):
     """Weights on the simplex (they sum to 1, like the mean) whose combination is the
     minimum-norm element of the convex hull of the task gradients. Scale invariant. When the
     hull contains 0 the direction is 0 and the weights are one of the (non-unique) minimisers.
-    Fallback (counted): the solve did not converge within its budget (only possible on the GPU
-    path; the weights are then a feasible point short of the optimum).
+    Fallback (counted): the solve did not converge within its 2K+2 iterations (the weights are
+    then a feasible point short of the optimum).
     """
 
     name = "mgda"
