@@ -493,20 +493,21 @@ class Training:
                 self.warmup_rngs[s].bit_generator.state = state["warmup_rng"]
                 load_env_checkpoint(self.envs.runners[s].env, state["env"])
                 load_env_checkpoint(self.eval_envs[s], state["eval_env"])
-            except (KeyError, TypeError, ValueError, RuntimeError, EnvError) as err:
+                self.sums.load_seed_state(s, state["metric_sums"])
+                if s == 0:  # the population's shared counters and process generators: the lead seed's
+                    self.step = self.last_checkpoint_step = int(state["step"])
+                    self.last_eval_step = int(state["last_eval_step"])
+                    at_boundary = bool(state["at_boundary"])
+                    set_rng_state(state["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, EnvError) as err:
+                missing = f"it lacks the field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
                 raise CheckpointError(
-                    f"the checkpoint in {run_dir} does not fit this run ({type(err).__name__}: {err}); it was "
-                    "written by another configuration or version"
+                    f"the checkpoint in {run_dir} does not fit this run ({missing}); it was written by another "
+                    "configuration or version of rl-mtl: resume it with that version, or start a new run"
                 ) from err
-        lead = states[0]
-        self.step = self.last_checkpoint_step = int(lead["step"])
-        self.last_eval_step = int(lead["last_eval_step"])
-        set_rng_state(lead["rng"])
-        for s, state in enumerate(states):
-            self.sums.load_seed_state(s, state["metric_sums"])
         # The checkpoint was taken before the finished episodes' reset: do that reset now, with
         # the restored env RNGs, exactly as the uninterrupted run did right after saving.
-        if not lead["at_boundary"]:
+        if not at_boundary:
             print(
                 "warning: this checkpoint was taken mid-episode (the end of a run whose length is not a "
                 "multiple of the episode length); episodes restart, so the continuation is not bit-identical "
