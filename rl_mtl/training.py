@@ -10,10 +10,12 @@ trained alone, and its checkpoint resumes alone or with others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -483,9 +485,10 @@ class Training:
         }
 
     def load_states(self, states: list[dict[str, Any]]) -> None:
-        """Every seed's checkpoint (all at one step: ``check_trainable_together``)."""
+        """Every seed's checkpoint (all at one step: ``check_trainable_together``). Every field is
+        read under ``_refuse_unfitting``, so a checkpoint lacking one is refused, not a traceback."""
         for s, (state, run_dir) in enumerate(zip(states, self.run_dirs, strict=True)):
-            try:
+            with _refuse_unfitting(run_dir):
                 self.population.load_seed_state(s, {"agent": state["agent"], "generator": state["agent_generator"]})
                 self.replay.load_seed_state(s, state["replay"])
                 if self.normalizer is not None:
@@ -494,17 +497,12 @@ class Training:
                 load_env_checkpoint(self.envs.runners[s].env, state["env"])
                 load_env_checkpoint(self.eval_envs[s], state["eval_env"])
                 self.sums.load_seed_state(s, state["metric_sums"])
-                if s == 0:  # the population's shared counters and process generators: the lead seed's
-                    self.step = self.last_checkpoint_step = int(state["step"])
-                    self.last_eval_step = int(state["last_eval_step"])
-                    at_boundary = bool(state["at_boundary"])
-                    set_rng_state(state["rng"])
-            except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, EnvError) as err:
-                missing = f"it lacks the field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
-                raise CheckpointError(
-                    f"the checkpoint in {run_dir} does not fit this run ({missing}); it was written by another "
-                    "configuration or version of rl-mtl: resume it with that version, or start a new run"
-                ) from err
+        lead = states[0]  # the population's counters and the process generators: the lead seed's
+        with _refuse_unfitting(self.run_dirs[0]):
+            self.step = self.last_checkpoint_step = int(lead["step"])
+            self.last_eval_step = int(lead["last_eval_step"])
+            at_boundary = bool(lead["at_boundary"])
+            set_rng_state(lead["rng"])
         # The checkpoint was taken before the finished episodes' reset: do that reset now, with
         # the restored env RNGs, exactly as the uninterrupted run did right after saving.
         if not at_boundary:
@@ -515,3 +513,16 @@ class Training:
                 file=sys.stderr,
             )
         self.envs.reset_all()
+
+
+@contextlib.contextmanager
+def _refuse_unfitting(run_dir: Path) -> Iterator[None]:
+    """A checkpoint field that is missing or of the wrong kind becomes a CheckpointError naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, EnvError) as err:
+        problem = f"it lacks the field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise CheckpointError(
+            f"the checkpoint in {run_dir} does not fit this run ({problem}); it was written by another "
+            "configuration or version of rl-mtl: resume it with that version, or start a new run"
+        ) from err

@@ -140,6 +140,23 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     assert "truncated or corrupted" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("field", ["metric_sums", "rng"])  # one of each block load_states reads
+def test_a_checkpoint_lacking_a_field_is_refused_naming_it(tmp_path, capsys, monkeypatch, field):
+    """Fields read after the per-seed state (the counters, the process generators) gave a raw
+    KeyError once; every one is refused as a checkpoint that does not fit, naming the field."""
+    run_dir = tmp_path / "run"
+    seed_state = Training.seed_state
+    monkeypatch.setattr(Training, "seed_state", lambda self, s, *a: {
+        k: v for k, v in seed_state(self, s, *a).items() if k != field})  # fmt: skip
+    short = ["--set", "train.total_steps=100", "--set", "train.warmup_steps=50", "--set", "train.eval_every=0"]
+    assert main([*SMOKE, "--method", "ls", "--run-dir", str(run_dir), *short]) == 0
+    capsys.readouterr()
+    monkeypatch.undo()
+    assert main(["--resume", str(run_dir), "--set", "train.total_steps=200", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"lacks the field '{field}'" in err and "Traceback" not in err, err
+
+
 def test_cuda_requested_without_cuda_is_explained(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
