@@ -27,17 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .run_dir import atomic_write
+from .run_dir import CheckpointError, atomic_write
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 PREVIOUS_NAME = "checkpoint.previous.safetensors"  # kept while a population's set is being written
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # format 1: a pickle
 FORMAT_VERSION = 2
 _MAGIC = "rl-mtl checkpoint"
-
-
-class CheckpointError(RuntimeError):
-    """A missing, truncated, corrupted or foreign checkpoint, with what to do about it."""
 
 
 def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:

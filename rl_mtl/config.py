@@ -21,14 +21,14 @@ from typing import Any
 
 import yaml
 
-from .agents.networks import ARCHITECTURES, make_network
-from .agents.population import COMPILE_MODES
-from .aggregators import METHODS, AggregatorError, make_aggregator
+from .registry import ARCHITECTURES, METHODS, component, construct
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # inside the package: a wheel has them too
 BENCHMARKS = ("MT10", "MT50", "MT1", "custom")
 MAX_EPISODE_STEPS = 500  # Meta-World truncates every episode here (SawyerXYZEnv.max_path_length)
 MAX_SEED = 2**32 - 1  # numpy's seeds (the goals' and the envs') are 32-bit
+# train.compile's modes (runtime.resolve_compile says what each needs; README: Speed)
+COMPILE_MODES = ("off", "passes", "whole", "graphs")
 # Fields that hold options per method / architecture: overrides merge into them per name.
 OPTION_TABLES = ("method_options", "architecture_options")
 # Keys that say how a run is executed, not what it computes: the seeds of one comparison may
@@ -69,7 +69,7 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    architecture: str = "shared"  # agents.networks.ARCHITECTURES: shared | multihead | independent | ...
+    architecture: str = "shared"  # registry.ARCHITECTURES: shared | multihead | independent | ...
     # Options per architecture (soft_modularization, care, moore: README), for the one in use.
     architecture_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     hidden_sizes: list[int] = field(default_factory=lambda: [400, 400, 400])
@@ -214,7 +214,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that types alone cannot express."""
     env, agent, train = cfg.env, cfg.agent, cfg.train
-    _choice("method", cfg.method, METHODS)
+    _choice("method", cfg.method, tuple(METHODS))
     _choice("env.benchmark", env.benchmark, BENCHMARKS)
     _choice("env.reward_version", env.reward_version, ("v1", "v2"))
     _choice("env.vector_strategy", env.vector_strategy, ("sync", "async"))
@@ -274,22 +274,33 @@ def validate(cfg: Config) -> Config:
     unknown = sorted(set(cfg.method_options) - set(METHODS))
     if unknown:
         raise ConfigError(f"method_options: unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
-    try:  # the registry builds and discards the aggregator: bad option names and values fail now
-        make_aggregator(cfg.method, **cfg.method_options.get(cfg.method, {}))
-    except AggregatorError as err:
-        raise ConfigError(f"method_options.{cfg.method}: {err}") from err
     unknown = sorted(set(agent.architecture_options) - set(ARCHITECTURES))
     if unknown:
         raise ConfigError(
             f"agent.architecture_options: unknown architecture(s) {', '.join(unknown)}; choose from: "
             f"{', '.join(ARCHITECTURES)}"
         )
-    try:  # likewise a small network of the architecture (a context file's task names are checked when it is built)
-        options = agent.architecture_options.get(agent.architecture, {})
-        make_network(agent.architecture, 3, 1, 2, ["a", "b"], agent.hidden_sizes, agent.init, options)
+    _check_options(cfg)
+    return cfg
+
+
+def _check_options(cfg: Config) -> None:
+    """Build and discard the method's aggregator and a small network of the architecture, through
+    the registry, so that bad option names and values fail now (a context file's task names are
+    checked when the run's network is built). This imports them, and torch; importing this module
+    does not."""
+    options = cfg.method_options.get(cfg.method, {})
+    try:
+        construct(component(METHODS, cfg.method), cfg.method, (), options, ValueError)
+    except ValueError as err:
+        raise ConfigError(f"method_options.{cfg.method}: {err}") from err
+    agent = cfg.agent
+    options = agent.architecture_options.get(agent.architecture, {})
+    try:
+        construct(component(ARCHITECTURES, agent.architecture), agent.architecture,
+                  (3, 1, 2, ["a", "b"], agent.hidden_sizes, agent.init), options, ValueError)  # fmt: skip
     except ValueError as err:
         raise ConfigError(f"agent.architecture_options.{agent.architecture}: {err}") from err
-    return cfg
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError
 from .config import ConfigError
 from .envs import EnvError
+from .run_dir import CheckpointError
 from .runs import Group, Run, RunsError, eval_matrix, experiment_key, find_run_dirs, group_runs, load_run
 from .stats import iqm, mean_sem, stratified_bootstrap_ci
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 Params = Mapping[str, Tensor]
 TaskLoss = Callable[..., Any]
@@ -114,45 +114,6 @@ def over_seeds(per_seed: Callable[..., tuple]) -> Callable[..., tuple]:
         return (losses, shared, task_specific) if aux is None else (losses, shared, task_specific, aux)  # vmap: no None
 
     return vmap(fields)
-
-
-@dataclass(frozen=True)
-class MainTaskSignal:
-    """Where a method that learns from one main task (AuxiNash) gets its signal: the main task's
-    index, and the inverse-Hessian series' length and step."""
-
-    main: int
-    neumann_terms: int
-    neumann_step: float
-
-
-def main_task_alignment(
-    task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any, weights: Tensor, validation: Any,
-    shared_grads: Params, signal: MainTaskSignal, has_aux: bool = False,
-) -> Tensor:  # fmt: skip
-    """[K]: g_k . s for every task k, where g_k is task k's gradient over the shared parameters
-    on ``batch`` (``shared_grads``, from the per-task pass) and s = sum_{j=0}^{J} (I - eta H)^j g_V,
-    g_V the main task's gradient on ``validation`` (held-out data; every task's slice is given,
-    the main task's is used) and H the Hessian of the weighted training loss sum_k w_k l_k over
-    the shared parameters: Hessian-vector products, J = ``signal.neumann_terms``, eta its step."""
-    loss = (lambda *args: task_loss(*args)[0]) if has_aux else task_loss
-    main = signal.main
-    task_main = {name: p[main] for name, p in task_specific.items()}
-    g_v = grad(loss)(detached(shared), task_main, torch.utils._pytree.tree_map(lambda x: x[main], validation))
-
-    def training_loss(params: Params) -> Tensor:
-        return (weights * vmap(loss, in_dims=(None, 0, 0))(params, detached(task_specific), batch)).sum()
-
-    s = v = g_v
-    for _ in range(signal.neumann_terms):
-        hessian_v = grad(lambda p, v=v: _dot(grad(training_loss)(p), v))(detached(shared))
-        v = {name: v[name] - signal.neumann_step * hessian_v[name] for name in v}
-        s = {name: s[name] + v[name] for name in s}
-    return torch.stack([(shared_grads[name] * s[name]).flatten(1).sum(1) for name in s]).sum(0)
-
-
-def _dot(a: Params, b: Params) -> Tensor:
-    return sum((a[name] * b[name]).sum() for name in a)
 
 
 def task_gradients_loop(task_loss: TaskLoss, shared: Params, task_specific: Params, batch: Any) -> TaskGradients:

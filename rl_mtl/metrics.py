@@ -1,6 +1,7 @@
-"""Training metrics: device-side sums between log points, the logged scalars' names, and the run
+"""What a run logs: the scalars of its three kinds of record (train, episode, eval) and the run
 log (``metrics.jsonl``, the source of truth for rl_mtl.evaluate and plots, and TensorBoard
-events with the same scalars)."""
+events with the same scalars). No torch: readers of results import this; the device-side sums
+the scalars come from are ``agents.sums``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .run_dir import write_text_atomic
 
@@ -30,82 +29,54 @@ PER_TASK_METRICS = {
 DIAGNOSTICS = ("critic_min_cosine", "actor_min_cosine")  # last value only (nan: skipped, or not measured)
 
 
-class MetricSums:
-    """Sums of a population's update metrics since the last log, in buffers allocated once on the
-    device ([S, K] per summed metric, [S] counts): an update adds to them in place (``add_``, inside
-    a compiled or graph-replayed update too), and the trainer reads them once per log. A seed's
-    skipped update (``applied`` False) adds nothing, so its interval means cover its applied
-    updates only; the diagnostics keep their last value."""
-
-    def __init__(self, num_seeds: int, num_tasks: int, device: torch.device) -> None:
-        self.sums = {name: torch.zeros(num_seeds, num_tasks, device=device) for name in PER_TASK_METRICS}
-        self.updates = torch.zeros(num_seeds, dtype=torch.int64, device=device)  # applied updates
-        self.latest = {name: torch.full((num_seeds,), torch.nan, device=device) for name in DIAGNOSTICS}
-
-    def tensors(self) -> list[Tensor]:
-        """Every buffer (a replayed CUDA graph needs them at fixed addresses)."""
-        return [*self.sums.values(), self.updates, *self.latest.values()]
-
-    def add_(self, metrics: dict[str, Tensor]) -> None:
-        applied = metrics["applied"]
-        for name, total in self.sums.items():  # where, not *: a skipped update's value may be nan
-            total.add_(torch.where(applied[:, None], metrics[name], 0.0))
-        for name, last in self.latest.items():
-            if name in metrics:
-                last.copy_(torch.where(applied, metrics[name], torch.nan))
-        self.updates.add_(applied.to(torch.int64))
-
-    def means(self) -> list[dict[str, np.ndarray]]:
-        """Per seed: each metric's mean over its applied updates, and the diagnostics' last values
-        (empty for a seed without an applied update); reading synchronises."""
-        counts = self.updates.cpu().numpy()
-        sums = {k: v.cpu().numpy() for k, v in self.sums.items()}
-        latest = {k: v.cpu().numpy() for k, v in self.latest.items()}
-        return [
-            {**{k: v[s] / n for k, v in sums.items()}, **{k: v[s] for k, v in latest.items()}} if n else {}
-            for s, n in enumerate(counts)
-        ]
-
-    def reset(self) -> None:
-        for total in self.sums.values():
-            total.zero_()
-        self.updates.zero_()
-        for last in self.latest.values():
-            last.fill_(torch.nan)
-
-    def seed_state(self, s: int) -> dict[str, Any]:
-        """Seed ``s``'s sums since the last log (a checkpoint between two log points keeps them)."""
-        return {
-            "sums": {k: v[s].cpu() for k, v in self.sums.items()},
-            "updates": int(self.updates[s]),
-            "latest": {k: v[s].cpu() for k, v in self.latest.items()},
-        }
-
-    def load_seed_state(self, s: int, state: dict[str, Any]) -> None:
-        for name, total in self.sums.items():
-            total[s].copy_(state["sums"][name])
-        self.updates[s] = int(state["updates"])
-        for name, last in self.latest.items():
-            last[s].copy_(state["latest"][name])
-
-
 def per_task(prefix: str, values: np.ndarray, tasks: list[str]) -> dict[str, float]:
     return {f"{prefix}/{task}": float(v) for task, v in zip(tasks, values, strict=True)}
 
 
-def training_scalars(means: dict[str, np.ndarray], tasks: list[str]) -> dict[str, float]:
-    """The logged scalars of one seed's update metrics (its ``MetricSums.means`` entry)."""
-    if not means:
-        return {}
-    scalars: dict[str, float] = {}
-    for key, prefix in PER_TASK_METRICS.items():
-        scalars.update(per_task(prefix, means[key], tasks))
-    scalars["loss/critic_mean"] = float(means["critic_loss"].mean())
-    scalars["loss/actor_mean"] = float(means["actor_loss"].mean())
-    for name in ("critic", "actor"):
-        cosine = means.get(f"{name}_min_cosine")
-        if cosine is not None and np.isfinite(cosine):  # nan: the diagnostic update was skipped, or K = 1
-            scalars[f"grad/min_cosine_{name}"] = float(cosine)
+def training_scalars(means: dict[str, np.ndarray], tasks: list[str], *, rate: float, buffer_size: int,
+                     fallbacks: dict[str, int], nonfinite_updates: int,
+                     method_state: dict[str, np.ndarray]) -> dict[str, float]:  # fmt: skip
+    """One seed's "train" record: the throughput, the replay's size, its update metrics' interval
+    means (its ``MetricSums.means`` entry: empty without an applied update), its aggregators'
+    fallback counts (per network), its skipped updates, and the method's logged state (scalar
+    prefix -> [K])."""
+    scalars = {"perf/steps_per_second": rate, "buffer/size": float(buffer_size)}
+    if means:
+        for key, prefix in PER_TASK_METRICS.items():
+            scalars.update(per_task(prefix, means[key], tasks))
+        scalars["loss/critic_mean"] = float(means["critic_loss"].mean())
+        scalars["loss/actor_mean"] = float(means["actor_loss"].mean())
+        for name in ("critic", "actor"):
+            cosine = means.get(f"{name}_min_cosine")
+            if cosine is not None and np.isfinite(cosine):  # nan: the diagnostic update was skipped, or K = 1
+                scalars[f"grad/min_cosine_{name}"] = float(cosine)
+    for network, count in fallbacks.items():
+        scalars[f"aggregator/fallbacks_{network}"] = float(count)
+    scalars["train/nonfinite_updates"] = float(nonfinite_updates)
+    for prefix, values in method_state.items():
+        scalars.update(per_task(prefix, values, tasks))
+    return scalars
+
+
+def episode_scalars(returns: np.ndarray, success: np.ndarray, names: list[str], num_tasks: int) -> dict[str, float]:
+    """One seed's "episode" record: the return and success of the episodes that just ended (of the
+    tasks ``names``), and their means when every task's ended."""
+    scalars = per_task("episode/return", returns, names)
+    scalars.update(per_task("episode/success", success, names))
+    if len(names) == num_tasks:
+        scalars["episode/return_mean"] = float(returns.mean())
+        scalars["episode/success_mean"] = float(success.mean())
+    return scalars
+
+
+def eval_scalars(success: np.ndarray, returns: np.ndarray, tasks: list[str], episodes: int) -> dict[str, float]:
+    """One seed's "eval" record (what rl_mtl.evaluate reads): success and return per task and
+    their means, over ``episodes`` episodes per task."""
+    scalars = per_task("eval/success", success, tasks)
+    scalars.update(per_task("eval/return", returns, tasks))
+    scalars["eval/success_mean"] = float(success.mean())
+    scalars["eval/return_mean"] = float(returns.mean())
+    scalars["eval/episodes_per_task"] = float(episodes)
     return scalars
 
 

@@ -15,12 +15,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-import torch
-
-if TYPE_CHECKING:
-    from .config import Config
+from .config import Config
 
 CONFIG_NAME = "config.yaml"
 RUN_INFO_NAME = "run.json"
@@ -30,6 +27,11 @@ RECORDED_PACKAGES = ("torch", "metaworld", "mujoco", "gymnasium", "numpy", "cvxp
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (it holds another run, or no run)."""
+
+
+class CheckpointError(RuntimeError):
+    """A missing, truncated, corrupted or foreign checkpoint, with what to do about it (defined
+    here, with the run directory's other files, so that readers of results need no torch)."""
 
 
 def runs_root() -> Path:
@@ -172,26 +174,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def run_metadata(cfg: Config, device: torch.device, deterministic: bool, compile_mode: str, tasks: list[str],
+def run_metadata(cfg: Config, device: str, deterministic: bool, compile_mode: str, tasks: list[str],
                  population: list[int], network: dict[str, Any],
                  changed: dict[str, list[Any]] | None = None) -> str:  # fmt: skip
     """``run.json``: what this run was made with. ``population``: the seeds trained together
     in its process (just its own when it trained alone); ``network``: the architecture, its
     options and what it records (CARE's context); ``changed``: on a resume, the config keys it
-    changed ([before, after])."""
+    changed ([before, after]); ``device``: its description (``runtime.describe_device``)."""
     record: dict[str, Any] = {
         "seed": cfg.seed,
         "method": cfg.method,
         "tasks": tasks,
         "network": network,
         "population": population,
-        "device": device_description(device),
+        "device": device,
         "deterministic": deterministic,
         "compile": compile_mode,  # train.compile as resolved for this device
         "changed_on_resume": changed or {},

@@ -1,16 +1,20 @@
-"""The process a run trains in: device, deterministic kernels, the compile switch, the global
-random generators (seeding, and their states for checkpoints)."""
+"""The process a run trains in: device, deterministic kernels, compiling the update (the mode a
+run gets, and the compile helper every compiled part uses), the global random generators (seeding,
+and their states for checkpoints)."""
 
 from __future__ import annotations
 
 import os
+import platform
 import random
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from .aggregators import make_aggregator
 from .config import Config, ConfigError
 
 
@@ -43,23 +47,56 @@ def compiler_available(device: torch.device) -> bool:
 
 
 def resolve_compile(cfg: Config, device: torch.device) -> str:
-    """train.compile as a mode for ``device`` (agents.COMPILE_MODES): None means "passes" on the CPU
-    (measured to pay, README: Speed) when a compiler is installed, "off" on CUDA (not yet measured
-    on a GPU); true means "passes", false "off"."""
+    """train.compile as a mode for ``device`` (config.COMPILE_MODES): None means "passes" on the
+    CPU (measured to pay, README: Speed) when a compiler is installed, "off" on CUDA (not yet
+    measured on a GPU); true means "passes", false "off". Refused where the method cannot run
+    that way (its ``on_device`` and ``graph_safe``)."""
     setting = cfg.train.compile
     if setting is None:
         return "passes" if device.type == "cpu" and compiler_available(device) else "off"
     mode = {True: "passes", False: "off"}.get(setting, setting)  # type: ignore[call-overload]
+    aggregator = make_aggregator(cfg.method, **cfg.method_options.get(cfg.method, {}))
     if mode == "graphs" and device.type != "cuda":
         raise ConfigError("train.compile=graphs replays the update as a CUDA graph: it needs --device cuda; "
                           "on the CPU use train.compile=whole")  # fmt: skip
-    if mode == "graphs" and cfg.method == "imtlg":  # torch.linalg.eigh checks its result on the host on CUDA
-        raise ConfigError("imtlg cannot run in a CUDA graph (its eigendecomposition reads back to the host); "
+    if mode in ("whole", "graphs") and not aggregator.on_device:
+        raise ConfigError(f"train.compile={mode} compiles the whole update, but {cfg.method} with method_options "
+                          f"{aggregator.options()} solves on the host; use its native solver or "
+                          "train.compile=passes")  # fmt: skip
+    if mode == "graphs" and not aggregator.graph_safe:
+        raise ConfigError(f"{cfg.method} cannot run in a CUDA graph (it reads a result back to the host on CUDA); "
                           "use train.compile=whole")  # fmt: skip
     if mode != "off" and not compiler_available(device):
         needed = "a C compiler (gcc) for Triton" if device.type == "cuda" else "a C++ compiler (g++)"
         raise ConfigError(f"train.compile={setting} needs {needed} on PATH; install one or set train.compile=off")
     return mode
+
+
+# Dynamo keeps its graphs per code object, and every compiled pass is a closure over the same code
+# (vmap's wrapper; a population's update is one method of the class): it counts their graphs as
+# recompilations of that code, with `fullgraph` a hard failure past its limit (8). A process that
+# builds several agents (a benchmark's dozens of variants, the tests) needs room for all of them.
+RECOMPILE_LIMIT = 512
+
+
+def compile_graph(fn: Callable, mode: str | None = None) -> Callable:
+    """``fn`` compiled whole: ``fullgraph`` because a graph break would silently leave part of it
+    eager; ``dynamic=False`` because a run's shapes never change."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+
+
+def maybe_compile(fn: Callable, enabled: bool) -> Callable:
+    return compile_graph(fn) if enabled else fn
+
+
+def describe_device(device: torch.device) -> str:
+    """The device as run.json records it."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def seed_everything(seed: int) -> None:

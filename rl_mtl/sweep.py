@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aggregators import METHODS
-from .checkpoint import CheckpointError, saved_steps
+from .checkpoint import saved_steps
 from .config import ConfigError, load_config, parse_seeds
 from .envs import task_names
 from .metrics import METRICS_NAME
-from .run_dir import CONFIG_NAME, default_run_dir, lock_holder, runs_root
+from .registry import METHODS
+from .run_dir import CONFIG_NAME, CheckpointError, default_run_dir, lock_holder, runs_root
 
 EXIT_INTERRUPTED = 130
 RAY_INSTALL = "pip install -c constraints.txt -e '.[ray]'"
@@ -327,7 +327,7 @@ def check_root(root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rl_mtl.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--methods", nargs="+", choices=METHODS, required=True)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), required=True)
     parser.add_argument("--seeds", type=parse_seeds, required=True, help="e.g. 0-9 or 0,3,5-7")
     parser.add_argument("--config", default="mt10", help="config file or preset (default: mt10)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -2,9 +2,9 @@
 
 ``train_loop`` is the whole algorithm, top to bottom: act, step the envs, store, update, log,
 evaluate, checkpoint, for a population of one or more seeds (``training.Training`` holds its
-parts). Checkpoints are taken at episode boundaries (all tasks' episodes end together: fixed
-length, no termination), before the next goals are drawn, so a resumed run continues exactly as
-an uninterrupted one would.
+parts; ``resume`` says which runs a command trains). Checkpoints are taken at episode
+boundaries (all tasks' episodes end together: fixed length, no termination), before the next
+goals are drawn, so a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any
 
 import yaml
 
-from .agents import NonFiniteLossError
-from .aggregators import METHODS
+from .agents import NonFiniteLossError, to_host
 from .buffers import ReplayError
-from .checkpoint import CheckpointError
 from .config import ConfigError, parse_seeds
 from .envs import EnvError
-from .run_dir import RunDirError, describe_write_error, lock_run_dir, unlock_run_dirs
-from .training import RunSpec, Training, check_trainable_together, new_runs, resumed_runs
+from .registry import METHODS
+from .resume import RunSpec, check_trainable_together, new_runs, resumed_runs
+from .run_dir import CheckpointError, RunDirError, describe_write_error, lock_run_dir, unlock_run_dirs
+from .training import Training
 
 EXIT_INTERRUPTED = 130
 
@@ -44,7 +44,13 @@ def train_loop(tr: Training, progress: bool = True, stop_at_step: int | None = N
             learning = tr.step >= t.warmup_steps
             diagnostics = (tr.step + 1) % t.log_every == 0
             action = tr.population.act(obs) if learning else tr.random_actions()
-            next_obs, done = tr.collect_and_learn(obs, action, learning, diagnostics)  # step, store, update
+            tr.envs.step_async(to_host(action))
+            if learning and tr.overlap:  # async envs step while the update runs (on the replay before this step)
+                tr.learn(diagnostics)
+            next_obs, reward, terminated, done = tr.receive()
+            tr.store(obs, action, reward, next_obs, terminated)
+            if learning and not tr.overlap:
+                tr.learn(diagnostics)
             tr.step += 1
             bar.update(1)
             logs, final, boundary = tr.step % t.log_every == 0, tr.step == t.total_steps, bool(done.all())
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Ctrl-C (or SIGTERM) finishes the current episode, saves a checkpoint and exits;\n"
         "a second Ctrl-C exits at once, keeping the previous checkpoint.",
     )
-    parser.add_argument("--method", choices=METHODS, help="gradient aggregation method (default: nashmtl)")
+    parser.add_argument("--method", choices=list(METHODS), help="gradient aggregation method (default: nashmtl)")
     parser.add_argument("--config", help="YAML config file or preset name (default: mt10; presets: rl_mtl/configs)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, help="random seed (default: 0)")

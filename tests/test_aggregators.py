@@ -208,11 +208,11 @@ def test_pcgrad_task_orders_are_the_argsort_of_the_callers_uniform_numbers():
     state = agg.init_state(6)
     g = torch.Generator().manual_seed(0)
     u1, u2 = (torch.rand(6, 6, dtype=torch.float64, generator=g) for _ in range(2))
-    w1, _ = agg.step(m, torch.zeros(6), state, u1)
+    w1, _ = agg.weigh(m, torch.zeros(6), state, u1)
     a, _, _ = normalize_gramian(m)
     assert torch.allclose(w1, pcgrad_weights(a, torch.argsort(u1, dim=1)), rtol=0, atol=1e-15)
-    assert torch.equal(agg.step(m, torch.zeros(6), state, u1)[0], w1), "the same numbers give the same orders"
-    assert not torch.allclose(agg.step(m, torch.zeros(6), state, u2)[0], w1)
+    assert torch.equal(agg.weigh(m, torch.zeros(6), state, u1)[0], w1), "the same numbers give the same orders"
+    assert not torch.allclose(agg.weigh(m, torch.zeros(6), state, u2)[0], w1)
     # the library call draws them from the object's own generator, saved with its state
     lib = make_aggregator("pcgrad")
     lib(m)
@@ -419,7 +419,7 @@ def test_aggregating_seeds_together_equals_each_seed_alone(method, options, path
         gram_in = grams if agg.uses_gramian else None
         expected = []
         for s in range(seeds):
-            weights, alone[s] = agg.step(None if gram_in is None else grams[s], losses[s], alone[s], uniform[s])
+            weights, alone[s] = agg.weigh(None if gram_in is None else grams[s], losses[s], alone[s], uniform[s])
             expected.append(weights)
         with sync_free() if path == "gpu path" else contextlib.nullcontext():
             got, together = aggregate(agg, gram_in, losses, together, uniform)

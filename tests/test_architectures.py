@@ -12,11 +12,11 @@ from torch.func import vmap
 
 from rl_mtl.agents.care import CARE
 from rl_mtl.agents.moore import MOORE, gram_schmidt
-from rl_mtl.agents.networks import ARCHITECTURES, make_network
+from rl_mtl.agents.networks import make_network
 from rl_mtl.agents.soft_modularization import SoftModularization
-from rl_mtl.aggregators import METHODS
 from rl_mtl.config import ConfigError, load_config
 from rl_mtl.gradients import task_gradients, task_gradients_loop
+from rl_mtl.registry import ARCHITECTURES, METHODS
 
 TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
 K, B, OBS, EXTRA = 3, 5, 6, 2
@@ -344,10 +344,11 @@ def test_every_architecture_s_whole_update_traces_as_one_graph(name):
     torch._dynamo.reset()
     counters.clear()
     traced = torch.compile(populations[1]._update_and_sum, fullgraph=True, backend="eager")
-    data, validation = batch(), (batch() if method == "auxinash" else None)
-    expected = populations[0].update(data, True, validation)
-    noise, uniform, validation_noise = populations[1].random_numbers(data, validation)
-    got = traced(populations[1].state, None, data, noise, uniform, True, validation, validation_noise)
+    learn = sac.aggregator.learn_every > 0
+    data, held_out = batch(), (batch() if learn else None)
+    expected = populations[0].update(data, True, learn, held_out)
+    noise, uniform, held_out_noise = populations[1].random_numbers(data, held_out)
+    got = traced(populations[1].state, None, data, noise, uniform, True, learn, held_out, held_out_noise)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert not counters["graph_break"]

@@ -10,9 +10,9 @@ import torch
 from conftest import random_gramian
 
 from rl_mtl.aggregators import AggregatorError, make_aggregator
-from rl_mtl.aggregators.auxinash import power_gradient
+from rl_mtl.aggregators.auxinash import MainTaskSignal, main_task_alignment, power_gradient
 from rl_mtl.config import ConfigError, load_config
-from rl_mtl.gradients import MainTaskSignal, main_task_alignment, task_gradients
+from rl_mtl.gradients import task_gradients
 
 D = torch.float64
 
@@ -100,7 +100,7 @@ def test_the_powers_stay_positive_and_summing_to_k():
     g = torch.Generator().manual_seed(0)
     for call in range(200):
         m = random_gramian(4, call)
-        _, state = aux.step(m, torch.zeros(4, dtype=D), state, torch.rand(4, 4, dtype=D))
+        _, state = aux.weigh(m, torch.zeros(4, dtype=D), state, torch.rand(4, 4, dtype=D))
         state = aux.learn_powers(m, state, torch.randn(4, generator=g, dtype=D) * 10.0 ** (call % 7))
         assert torch.isfinite(state["powers"]).all() and (state["powers"] > 0).all()
         assert math.isclose(float(state["powers"].sum()), 4.0, rel_tol=1e-12)
@@ -141,7 +141,7 @@ def test_a_useful_auxiliary_task_gains_power_over_an_adversarial_one():
         batches = [(main_train[0][idx], main_train[1][idx]), sample(true, 0.05, n), sample(other, 0.05, n)]
         xs, ys = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
         grads = task_gradients(loss, trunk, heads, (xs, ys))
-        weights, state = aux.step(grads.gramian(), grads.losses, state, torch.rand(3, 3, dtype=D))
+        weights, state = aux.weigh(grads.gramian(), grads.losses, state, torch.rand(3, 3, dtype=D))
         held_out = sample(true, 0.05, n)  # the main task on held-out inputs
         val = (torch.stack([held_out[0]] * 3), torch.stack([held_out[1]] * 3))
         alignment = main_task_alignment(loss, trunk, heads, (xs, ys), weights, val, grads.shared,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from rl_mtl.agents import SAC, Population
+from rl_mtl.agents import SAC, MetricSums, Population
 from rl_mtl.buffers import Batch
 from rl_mtl.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from rl_mtl.config import ConfigError, load_config
-from rl_mtl.metrics import MetricSums, read_metrics
+from rl_mtl.metrics import read_metrics
 from rl_mtl.runtime import resolve_compile
 from rl_mtl.train import main
 

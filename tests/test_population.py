@@ -13,8 +13,9 @@ from rl_mtl.buffers import FIELDS, Batch
 from rl_mtl.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from rl_mtl.config import ConfigError, load_config, parse_seeds
 from rl_mtl.metrics import read_metrics
+from rl_mtl.resume import check_trainable_together
 from rl_mtl.train import EXIT_INTERRUPTED, main, run
-from rl_mtl.training import Training, check_trainable_together
+from rl_mtl.training import Training
 
 K, B, OBS, ACT = 4, 16, 7, 3
 TASKS = [f"task{k}" for k in range(K)]

@@ -139,7 +139,7 @@ def test_a_flipped_byte_in_tensor_data_is_detected(tmp_path, capsys):
 def test_files_that_are_not_checkpoints_are_refused_clearly(tmp_path):
     from safetensors.torch import save_file
 
-    from rl_mtl.checkpoint import CheckpointError
+    from rl_mtl.run_dir import CheckpointError
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))  # a safetensors file, not ours
     with pytest.raises(CheckpointError, match="not an rl-mtl checkpoint"):

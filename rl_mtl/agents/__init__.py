@@ -1,7 +1,8 @@
-"""Multi-task SAC: networks (the architecture registry), the population update, its optimiser."""
+"""Multi-task SAC: networks, the population update, its optimiser and its metric sums."""
 
-from .networks import ARCHITECTURES, Network
-from .population import COMPILE_MODES, Population, to_host
+from .networks import Network
+from .population import Population, to_host
 from .sac import SAC, NonFiniteLossError
+from .sums import MetricSums
 
-__all__ = ["ARCHITECTURES", "COMPILE_MODES", "SAC", "Network", "NonFiniteLossError", "Population", "to_host"]
+__all__ = ["SAC", "MetricSums", "Network", "NonFiniteLossError", "Population", "to_host"]

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .layers import Params, check_option, experts_forward, mlp_forward, mlp_init
+from ..registry import check_option
+from .layers import Params, experts_forward, mlp_forward, mlp_init
 
 CONTEXT_LAYERS = 3  # C -> C -> C -> C
 ATTENTION_LAYERS = 3  # C -> C -> C -> E
@@ -69,9 +70,9 @@ class CARE:
     def __init__(self, obs_dim: int, extra_dim: int, out_dim: int, tasks: list[str], hidden_sizes: list[int],
                  init: str, num_encoders: int = 4, context_width: int = 50, temperature: float = 1.0,
                  context_file: str | None = None) -> None:  # fmt: skip
-        check_option("care", "num_encoders", num_encoders, 1)
-        check_option("care", "context_width", context_width, 1)
-        check_option("care", "temperature", temperature, 1e-6, integer=False)
+        check_option("care", "num_encoders", num_encoders, 1, integer=True)
+        check_option("care", "context_width", context_width, 1, integer=True)
+        check_option("care", "temperature", temperature, 1e-6)
         self.obs_dim, self.extra_dim, self.out_dim, self.tasks = obs_dim, extra_dim, out_dim, list(tasks)
         self.hidden_sizes, self.init_scheme = list(hidden_sizes), init
         self.encoders, self.width, self.temperature = num_encoders, context_width, float(temperature)

@@ -1,11 +1,10 @@
 """Building blocks of the multi-task networks: initialisation, MLPs and stacked experts written
-over explicit parameter dicts, and option checks."""
+over explicit parameter dicts."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +58,3 @@ def experts_forward(params: Params, prefix: str, layers: int, x: Tensor) -> Tens
     for i in range(1, layers):
         h = torch.einsum("bki,koi->bko", F.relu(h), params[f"{prefix}.weight{i}"]) + params[f"{prefix}.bias{i}"]
     return h
-
-
-def check_option(architecture: str, name: str, value: Any, minimum: int | float, integer: bool = True) -> None:
-    ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value >= minimum):
-        kind = "an integer" if integer else "a finite number"
-        raise ValueError(f"{architecture}: {name} must be {kind} >= {minimum}, got {value!r}")

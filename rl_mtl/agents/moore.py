@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import Params, check_option, experts_forward, init_linear, mlp_init, uniform
+from ..registry import check_option
+from .layers import Params, experts_forward, init_linear, mlp_init, uniform
 
 NORM_EPS = 1e-8
 
@@ -48,7 +49,7 @@ def gram_schmidt(u: Tensor) -> Tensor:
 class MOORE:
     def __init__(self, obs_dim: int, extra_dim: int, out_dim: int, tasks: list[str], hidden_sizes: list[int],
                  init: str, num_experts: int = 4) -> None:  # fmt: skip
-        check_option("moore", "num_experts", num_experts, 1)
+        check_option("moore", "num_experts", num_experts, 1, integer=True)
         if num_experts > hidden_sizes[-1]:
             raise ValueError(f"moore: {num_experts} experts cannot be orthonormal in {hidden_sizes[-1]} dimensions "
                              "(the last of agent.hidden_sizes)")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Multi-task networks: the architecture protocol, its registry, and shared building blocks.
+"""Multi-task networks: the architecture protocol, the MLPs, and building a registered architecture.
 
 A network is written for ONE task and takes its parameters explicitly:
 ``forward_one(shared, task, x)``, where ``shared`` holds the parameters every task's loss reaches
@@ -18,22 +18,19 @@ Adding an architecture: one module with a class that has
 - ``init(generator) -> (shared, per_task)`` and ``forward_one(shared, task, x) -> out``;
 - ``describe() -> dict``: what ``run.json`` should record beyond the options (or ``{}``);
 
-and one line in ``ARCHITECTURES`` below.
+and one line in ``rl_mtl.registry.ARCHITECTURES``.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .care import CARE
+from ..registry import ARCHITECTURES, component, construct
 from .layers import Params, init_linear
-from .moore import MOORE
-from .soft_modularization import SoftModularization
 
 
 class Network(Protocol):
@@ -96,27 +93,8 @@ class IndependentMLPs(MLP):
     per_task = "all"
 
 
-ARCHITECTURES: dict[str, type] = {
-    "shared": MLP,  # one network for all tasks ("MTL SAC"; with the task one-hot: "+ TE")
-    "multihead": MultiHeadMLP,  # a shared trunk, one output layer per task
-    "independent": IndependentMLPs,  # one network per task: the single-task reference
-    "soft_modularization": SoftModularization,  # Yang et al., NeurIPS 2020
-    "care": CARE,  # Sodhani et al., ICML 2021
-    "moore": MOORE,  # Hendawy et al., ICLR 2024
-}
-
-
-def valid_options(name: str) -> list[str]:
-    """The option names an architecture takes (``agent.architecture_options.<name>``)."""
-    fixed = {"self", "obs_dim", "extra_dim", "out_dim", "tasks", "hidden_sizes", "init"}
-    return [p for p in inspect.signature(ARCHITECTURES[name].__init__).parameters if p not in fixed]
-
-
 def make_network(name: str, obs_dim: int, extra_dim: int, out_dim: int, tasks: list[str], hidden_sizes: list[int],
                  init: str, options: dict[str, Any]) -> Network:  # fmt: skip
-    """Build a network of architecture ``name``; unknown or bad options raise ValueError."""
-    unknown = sorted(set(options) - set(valid_options(name)))
-    if unknown:
-        valid = ", ".join(valid_options(name)) or "none"
-        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    return ARCHITECTURES[name](obs_dim, extra_dim, out_dim, tasks, hidden_sizes, init, **options)
+    """Build a network of the registered architecture ``name``; unknown or bad options raise ValueError."""
+    cls = component(ARCHITECTURES, name)
+    return construct(cls, name, (obs_dim, extra_dim, out_dim, tasks, hidden_sizes, init), options, ValueError)

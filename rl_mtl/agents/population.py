@@ -21,7 +21,7 @@ drawn outside the graph from each seed's generator) are copied into the graph's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +29,10 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..buffers import Batch
+from ..runtime import compile_graph
 from .optim import paired_leaves
-from .sac import SAC, State, compile_graph
-
-if TYPE_CHECKING:
-    from ..metrics import MetricSums
-
-COMPILE_MODES = ("off", "passes", "whole", "graphs")
+from .sac import SAC, State
+from .sums import MetricSums
 
 
 class Population:
@@ -44,10 +41,10 @@ class Population:
         agents = [sac.init_state(seed) for seed in seeds]
         self.state: State = tree_map(lambda *leaves: torch.stack(leaves).to(device), *agents)
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        self._step = self._update_and_sum
+        self._update_fn = self._update_and_sum
         if compile in ("whole", "graphs"):
             mode = "reduce-overhead" if compile == "graphs" else None
-            self._step = compile_graph(self._update_and_sum, mode)
+            self._update_fn = compile_graph(self._update_and_sum, mode)
 
     @property
     def size(self) -> int:
@@ -65,38 +62,39 @@ class Population:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         return to_host(self.act(obs_t, deterministic=True))
 
-    def update(self, batch: Batch, diagnostics: bool = False, validation: Batch | None = None,
+    def update(self, batch: Batch, diagnostics: bool = False, learn: bool = False, held_out: Batch | None = None,
                sums: MetricSums | None = None) -> dict[str, Tensor]:  # fmt: skip
         """One SAC update of every seed on its own batch [S, K, B, ...] (``SAC.update``), added into
-        ``sums`` when given; with ``validation``, held-out data for a method that learns from a main
-        task. Returns the update's metrics (under CUDA graphs, valid until the next update)."""
-        noise, uniform, validation_noise = self.random_numbers(batch, validation)
+        ``sums`` when given; ``learn``: the method's own learning runs on it, with ``held_out``
+        data if it asked for them. Returns the update's metrics (under CUDA graphs, valid until
+        the next update)."""
+        noise, uniform, held_out_noise = self.random_numbers(batch, held_out)
         if self.compile == "graphs":  # written in place by the graph: kept where they are (a cheap mark)
             for t in [*tree_leaves(self.state), *([] if sums is None else sums.tensors())]:
                 torch._dynamo.mark_static_address(t)
             torch.compiler.cudagraph_mark_step_begin()  # the last update's outputs are not read again
-        return self._step(self.state, sums, batch, noise, uniform, diagnostics, validation, validation_noise)
+        return self._update_fn(self.state, sums, batch, noise, uniform, diagnostics, learn, held_out, held_out_noise)
 
     def _update_and_sum(self, state: State, sums: MetricSums | None, batch: Batch, noise: Tensor, uniform: Tensor,
-                        diagnostics: bool, validation: Batch | None, validation_noise: Tensor | None
+                        diagnostics: bool, learn: bool, held_out: Batch | None, held_out_noise: Tensor | None
                         ) -> dict[str, Tensor]:  # fmt: skip
         """The update as one function of tensors (what "whole" and "graphs" compile)."""
-        metrics = self.sac.update(state, batch, noise, uniform, diagnostics, validation, validation_noise)
+        metrics = self.sac.update(state, batch, noise, uniform, diagnostics, learn, held_out, held_out_noise)
         if sums is not None:
             sums.add_(metrics)
         return metrics
 
-    def random_numbers(self, batch: Batch, validation: Batch | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def random_numbers(self, batch: Batch, held_out: Batch | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """An update's random numbers, each seed's from its own generator (outside any compiled
         graph): the policy noise [S, 2, K, B, A], the aggregators' uniform numbers [S, 2, K, K]
-        (float64) and the held-out pass's noise (None without ``validation``)."""
+        (float64) and the held-out batch's noise (None without ``held_out``)."""
         _, k, b = batch.reward.shape
         noise = self._normal((2, k, b, self.sac.action_dim))
         uniform = torch.stack([
             torch.rand(2, k, k, dtype=torch.float64, generator=g, device=self.device) for g in self.generators
         ])  # fmt: skip
-        validation_noise = None if validation is None else self._normal((2, k, b, self.sac.action_dim))
-        return noise, uniform, validation_noise
+        held_out_noise = None if held_out is None else self._normal((2, k, b, self.sac.action_dim))
+        return noise, uniform, held_out_noise
 
     def _normal(self, shape: tuple[int, ...]) -> Tensor:
         """[S, *shape]: standard normal numbers, each seed's from its own generator."""
@@ -110,6 +108,16 @@ class Population:
     def fallbacks(self, network: str) -> list[int]:
         """Per seed: the calls of ``network``'s aggregator that used a fallback."""
         return self.state["aggregators"][network]["fallbacks"].tolist()
+
+    def method_state(self) -> dict[str, np.ndarray]:
+        """The aggregator state its method logs (``Aggregator.logged_state``), per network, as
+        scalar prefixes ("<method>/<name>/<network>") -> [S, K]."""
+        agg = self.sac.aggregator
+        return {
+            f"{agg.name}/{name}/{network}": self.state["aggregators"][network][key].cpu().numpy()
+            for key, name in agg.logged_state.items()
+            for network in ("critic", "actor")
+        }
 
     # -- one seed's part of a checkpoint ----------------------------------------------------------
     def seed_state(self, s: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,13 @@ from torch import Tensor
 from torch.func import vmap
 from torch.utils._pytree import tree_map
 
-from ..aggregators import Aggregator, aggregate, make_aggregator
+from ..aggregators import Aggregator, Objective, aggregate, make_aggregator
 from ..buffers import Batch
-from ..gradients import MainTaskSignal, TaskGradients, main_task_alignment, over_seeds, task_gradient_fields
+from ..config import AgentConfig
+from ..gradients import TaskGradients, over_seeds, task_gradient_fields
+from ..runtime import maybe_compile
 from .networks import Network, Params, make_network
 from .optim import adam_init, adam_step, paired_leaves
-
-if TYPE_CHECKING:
-    from ..config import AgentConfig
 
 State = dict[str, Any]  # a tree of tensors; the population's has a leading seed axis on every leaf
 Split = dict[str, Params]  # {"shared": ..., "task": ...} parameters of one network pair
@@ -173,28 +172,6 @@ def actor_gradients(
     return task_gradient_fields(loss, params["shared"], params["task"], batch, has_aux=True)
 
 
-def critic_alignment(
-    critic: TwinCritic, signal: MainTaskSignal, params: Split, weights: Tensor, shared_grads: Params,
-    batch: tuple, validation: tuple,
-) -> Tensor:  # fmt: skip
-    """[K]: each task's critic gradient . the main task's held-out critic gradient (through the
-    inverse-Hessian series), for a method that learns from a main task (``main_task_alignment``)."""
-    return main_task_alignment(critic_task_loss(critic), params["shared"], params["task"], batch, weights,
-                               validation, shared_grads, signal)  # fmt: skip
-
-
-def actor_alignment(
-    actor: TanhGaussianPolicy, critic: TwinCritic, signal: MainTaskSignal, params: Split, critic_params: Split,
-    weights: Tensor, shared_grads: Params, obs: Tensor, noise: Tensor, alpha: Tensor, val_obs: Tensor,
-    val_noise: Tensor,
-) -> Tensor:  # fmt: skip
-    """The same for the actor (against the updated critic)."""
-    loss = actor_task_loss(actor, critic, critic_params["shared"])
-    batch, validation = (obs, noise, alpha, critic_params["task"]), (val_obs, val_noise, alpha, critic_params["task"])
-    return main_task_alignment(loss, params["shared"], params["task"], batch, weights, validation, shared_grads,
-                               signal, has_aux=True)  # fmt: skip
-
-
 def temperature_gradient(mean_log_prob: Tensor, target_entropy: float, shared: bool) -> Tensor:
     """The gradient of the temperature loss -log_alpha_k (mean log pi_k + target entropy) with
     respect to log_alpha: per task [..., K], or for one shared log_alpha [..., 1] (the mean over
@@ -230,25 +207,19 @@ def copy_tree_(dst: Any, src: Any) -> None:
         d.copy_(s)
 
 
-# Dynamo keeps its graphs per code object, and every compiled pass is a closure over the same code
-# (vmap's wrapper; a population's update is one method of the class): it counts their graphs as
-# recompilations of that code, with `fullgraph` a hard failure past its limit (8). A process that
-# builds several agents (a benchmark's dozens of variants, the tests) needs room for all of them.
-RECOMPILE_LIMIT = 512
+class Learning(NamedTuple):
+    """What a method's ``learn`` needs of one network's update beyond its gradients (seed axis
+    first): what the network's loss depends on besides its parameters (the actor: the critic), the
+    per-task training batch, and a held-out batch of the same form (None unless asked for)."""
+
+    context: Any
+    batch: tuple
+    held_out: tuple | None
 
 
-def compile_graph(fn: Callable, mode: str | None = None) -> Callable:
-    """``fn`` compiled whole: ``fullgraph`` because a graph break would silently leave part of it
-    eager; ``dynamic=False`` because a run's shapes never change."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, RECOMPILE_LIMIT
-    )
-    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-
-
-def maybe_compile(fn: Callable, enabled: bool) -> Callable:
-    return compile_graph(fn) if enabled else fn
+def loss_only(task_loss: Callable) -> Callable:
+    """A task loss with an aux output, without it."""
+    return lambda *args: task_loss(*args)[0]
 
 
 class SAC:
@@ -289,13 +260,13 @@ class SAC:
         self.actor_pass = maybe_compile(
             over_seeds(functools.partial(actor_gradients, self.actor, self.critic)), compile
         )
-        if self.aggregator.learns_powers:  # the main task's signal, every update_powers_every updates
-            agg = self.aggregator
-            signal = MainTaskSignal(agg.main_index, agg.neumann_terms, agg.neumann_step)
-            critic_alignment_seeds = vmap(functools.partial(critic_alignment, self.critic, signal))
-            actor_alignment_seeds = vmap(functools.partial(actor_alignment, self.actor, self.critic, signal))
-            self.critic_alignment_pass = maybe_compile(critic_alignment_seeds, compile)
-            self.actor_alignment_pass = maybe_compile(actor_alignment_seeds, compile)
+        # The method's own learning (``Aggregator.learn``), over the seed axis, for each network:
+        # its loss given the context (the critic's: none; the actor's: the updated critic).
+        critic_loss = critic_task_loss(self.critic)
+        self.learn_passes = {
+            "critic": maybe_compile(vmap(functools.partial(self._learn_one, lambda _: critic_loss)), compile),
+            "actor": maybe_compile(vmap(functools.partial(self._learn_one, self._actor_loss_given)), compile),
+        }
 
     def describe(self) -> dict[str, Any]:
         """The networks, for run.json: architecture, options, and what the architecture adds."""
@@ -338,8 +309,8 @@ class SAC:
 
     # -- one update -----------------------------------------------------------------------------
     def update(
-        self, state: State, batch: Batch, noise: Tensor, uniform: Tensor, diagnostics: bool,
-        validation: Batch | None = None, validation_noise: Tensor | None = None,
+        self, state: State, batch: Batch, noise: Tensor, uniform: Tensor, diagnostics: bool, learn: bool = False,
+        held_out: Batch | None = None, held_out_noise: Tensor | None = None,
     ) -> dict[str, Tensor]:  # fmt: skip
         """One SAC update of every seed on its own batch ([S, K, B, ...]), in place on ``state``.
 
@@ -347,9 +318,9 @@ class SAC:
         actions; ``uniform`` [S, 2, K, K]: the critic's and the actor's aggregator's random
         numbers. Returns metric tensors [S, ...] and ``applied`` [S], False where a seed's update
         was skipped because a loss or gradient was not finite. ``diagnostics`` adds the smallest
-        cosine between two task gradients (it needs the Gramian even for ``ls``). ``validation``
-        (a second batch, with its own ``validation_noise``): held-out data for a method that
-        learns from a main task (its ``learn_powers`` step runs on this update).
+        cosine between two task gradients (it needs the Gramian even for ``ls``). ``learn``: the
+        aggregator's ``learn`` runs on this update, with ``held_out`` (a second batch, with its
+        own ``held_out_noise``) if it asked for one (``needs_held_out``).
         """
         alpha = self.temperatures(state)
         td_target = self.td_target_pass(
@@ -357,32 +328,28 @@ class SAC:
         )
         critic = TaskGradients(*self.critic_pass(state["critic"], batch.obs, batch.action, td_target))
         critic_ok = torch.isfinite(critic.total())  # [S]
-        critic_signal = None
-        if validation is not None:
-            val_td = self.td_target_pass(state["actor"], state["critic_target"], validation.next_obs,
-                                         validation.reward, validation.terminated, validation_noise[:, 0],
-                                         alpha)  # fmt: skip
-
-            def critic_signal(weights: Tensor) -> Tensor:
-                return self.critic_alignment_pass(state["critic"], weights, critic.shared,
-                                                  (batch.obs, batch.action, td_target),
-                                                  (validation.obs, validation.action, val_td))  # fmt: skip
-
-        critic_weights, critic_gram = self._step(state, "critic", critic, critic_ok, uniform[:, 0], diagnostics,
-                                                 critic_signal)  # fmt: skip
+        critic_learning = None
+        if learn:
+            critic_held_out = None
+            if held_out is not None:
+                held_out_td = self.td_target_pass(state["actor"], state["critic_target"], held_out.next_obs,
+                                                  held_out.reward, held_out.terminated, held_out_noise[:, 0],
+                                                  alpha)  # fmt: skip
+                critic_held_out = (held_out.obs, held_out.action, held_out_td)
+            critic_learning = Learning(None, (batch.obs, batch.action, td_target), critic_held_out)
+        critic_weights, critic_gram = self._descend(state, "critic", critic, critic_ok, uniform[:, 0], diagnostics,
+                                                    critic_learning)  # fmt: skip
 
         # The updated critic enters the actor's loss as a constant (its tensors need no gradient).
         actor = TaskGradients(*self.actor_pass(state["actor"], state["critic"], batch.obs, noise[:, 1], alpha))
         applied = critic_ok & torch.isfinite(actor.total())
-        actor_signal = None
-        if validation is not None:
-
-            def actor_signal(weights: Tensor) -> Tensor:
-                return self.actor_alignment_pass(state["actor"], state["critic"], weights, actor.shared,
-                                                 batch.obs, noise[:, 1], alpha, validation.obs,
-                                                 validation_noise[:, 1])  # fmt: skip
-
-        actor_weights, actor_gram = self._step(state, "actor", actor, applied, uniform[:, 1], diagnostics, actor_signal)
+        actor_learning = None
+        if learn:
+            critic_task = state["critic"]["task"]
+            actor_held_out = None if held_out is None else (held_out.obs, held_out_noise[:, 1], alpha, critic_task)
+            actor_learning = Learning(state["critic"], (batch.obs, noise[:, 1], alpha, critic_task), actor_held_out)
+        actor_weights, actor_gram = self._descend(state, "actor", actor, applied, uniform[:, 1], diagnostics,
+                                                  actor_learning)  # fmt: skip
         grad = temperature_gradient(actor.aux, self.target_entropy, self.shared_temperature)
         adam_step(state["log_alpha"], grad, state["optim"]["temperature"], applied, self.cfg.temperature_lr)
         weight = (self.cfg.tau * applied).to(alpha.dtype)  # zero where skipped: the target stays
@@ -404,26 +371,55 @@ class SAC:
             metrics["actor_min_cosine"] = min_pairwise_cosine(actor_gram)
         return metrics
 
-    def _step(
+    def _descend(
         self, state: State, network: str, grads: TaskGradients, ok: Tensor, uniform: Tensor, diagnostics: bool,
-        signal: Callable[[Tensor], Tensor] | None = None,
+        learning: Learning | None,
     ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """Aggregate ``network``'s per-task gradients and take its Adam step (skipped where ``ok``
-        [S] is False): returns the weights [S, K] and the Gramians [S, K, K] (None: not computed).
-        Independent networks share nothing: their weights are all ones. ``signal(weights)``: the
-        main task's alignment [S, K], for a method that learns from it (its ``learn_powers``)."""
+        [S] is False), then, with ``learning``, the method's ``learn``: returns the weights [S, K]
+        and the Gramians [S, K, K] (None: not computed). Independent networks share nothing:
+        their weights are all ones, and there is nothing for a method to learn."""
         agg = self.aggregator
         gramian = grads.gramian() if grads.shared and (agg.uses_gramian or diagnostics) else None
+        params = state[network]
+        before = None
         if grads.shared:
             agg_state = state["aggregators"][network]
             weights, new_state = aggregate(agg, gramian if agg.uses_gramian else None, grads.losses, agg_state,
                                            uniform)  # fmt: skip
-            if signal is not None:
-                new_state = vmap(agg.learn_powers)(gramian, new_state, signal(weights))
             copy_tree_(agg_state, new_state)
+            if learning is not None:
+                before = tree_map(torch.clone, params)  # the parameters the gradients were taken at
         else:
             weights = torch.ones_like(grads.losses)
         step = {"shared": grads.combine(weights), "task": grads.task_specific}
         lr = self.cfg.critic_lr if network == "critic" else self.cfg.actor_lr
-        adam_step(state[network], step, state["optim"][network], ok, lr)
+        adam_step(params, step, state["optim"][network], ok, lr)
+        if before is not None:
+            learned = self.learn_passes[network](
+                agg_state,
+                before,
+                params,
+                learning.context,
+                learning.batch,
+                learning.held_out,
+                grads.shared,
+                grads.losses,
+                weights,
+                gramian,
+            )
+            copy_tree_(agg_state, learned)
         return weights, gramian
+
+    # -- the method's learning, one seed ----------------------------------------------------------
+    def _actor_loss_given(self, critic_params: Split) -> Callable:
+        return loss_only(actor_task_loss(self.actor, self.critic, critic_params["shared"]))
+
+    def _learn_one(
+        self, task_loss_of: Callable, agg_state: dict[str, Tensor], params: Split, stepped: Split, context: Any,
+        batch: tuple, held_out: tuple | None, gradients: Params, losses: Tensor, weights: Tensor,
+        gramian: Tensor | None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        objective = Objective(task_loss_of(context), params, stepped, batch, held_out, gradients, losses, weights,
+                              gramian)  # fmt: skip
+        return self.aggregator.learn(agg_state, objective)

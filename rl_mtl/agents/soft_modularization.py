@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import Params, check_option, uniform
+from ..registry import check_option
+from .layers import Params, uniform
 
 
 class SoftModularization:
@@ -37,10 +38,10 @@ class SoftModularization:
                  init: str, num_layers: int = 2, num_modules: int = 2, module_width: int = 256,
                  embedding_width: int = 400, routing_width: int = 256) -> None:  # fmt: skip
         name = "soft_modularization"
-        check_option(name, "num_layers", num_layers, 2)
+        check_option(name, "num_layers", num_layers, 2, integer=True)
         for option, value in (("num_modules", num_modules), ("module_width", module_width),
                               ("embedding_width", embedding_width), ("routing_width", routing_width)):  # fmt: skip
-            check_option(name, option, value, 1)
+            check_option(name, option, value, 1, integer=True)
         self.in_dim, self.out_dim, self.num_tasks = obs_dim + extra_dim, out_dim, len(tasks)
         self.layers, self.modules, self.width = num_layers, num_modules, module_width
         self.embedding, self.routing, self.init_scheme = embedding_width, routing_width, init

@@ -3,7 +3,8 @@ bargaining solution, with the bargaining powers learned so that the other tasks 
 
 The update is Nash-MTL's with powers p: alpha > 0 with M alpha = p / alpha (Claim 4.1), solved by
 the same damped Newton method. Every ``update_powers_every`` updates p takes a step down the
-hypergradient of the main task's loss on held-out data with respect to p (Eq. 6):
+hypergradient of the main task's loss on held-out data with respect to p (Eq. 6; ``learn``, the
+hook of ``base.Aggregator``, which gives it a held-out batch every ``update_powers_every`` updates):
 
     dL_V/dp = - diag(1/alpha) (M + diag(p / alpha^2))^-1 G s,
 
@@ -20,12 +21,15 @@ State: Nash-MTL's (``powers`` is learned here) and ``momentum``, the SGD momentu
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
 
-from .base import AggregatorError, State, check_option
+from .base import AggregatorError, Objective, Params, State, check_option
 from .nashmtl import NashMTL
 
 
@@ -42,7 +46,8 @@ class AuxiNash(NashMTL):
     """
 
     name = "auxinash"
-    learns_powers = True
+    needs_held_out = True  # the main task's gradient on held-out data
+    logged_state: ClassVar[dict[str, str]] = {"powers": "power"}
 
     def __init__(
         self,
@@ -72,6 +77,7 @@ class AuxiNash(NashMTL):
         if powers_momentum >= 1:
             raise AggregatorError(f"auxinash: powers_momentum must be below 1, got {powers_momentum!r}")
         self.main_task, self.update_powers_every = main_task, update_powers_every
+        self.learn_every = update_powers_every
         self.powers_lr, self.powers_momentum = float(powers_lr), float(powers_momentum)
         self.neumann_terms, self.neumann_step, self.min_power = neumann_terms, float(neumann_step), float(min_power)
         self.main_index: int | None = None
@@ -98,6 +104,16 @@ class AuxiNash(NashMTL):
         powers = state["powers"]
         return {**state, "powers": powers * k / powers.sum(), "momentum": torch.zeros_like(powers)}
 
+    def learn(self, state: State, objective: Objective) -> State:
+        """A step of p on this update: the alignment of the training gradients with the main task's
+        held-out gradient (``main_task_alignment``, at the parameters the gradients were taken at)."""
+        assert self.main_index is not None, "bind_tasks first: the main task is named, not numbered"
+        signal = MainTaskSignal(self.main_index, self.neumann_terms, self.neumann_step)
+        params = objective.params
+        alignment = main_task_alignment(objective.task_loss, params["shared"], params["task"], objective.batch,
+                                        objective.weights, objective.held_out, objective.gradients, signal)  # fmt: skip
+        return self.learn_powers(objective.gramian, state, alignment)
+
     def learn_powers(self, gramian: Tensor, state: State, alignment: Tensor) -> State:
         """One step of p from this update's Gramian, the last solve's alpha and the alignment G s
         [K]; p stays as it is where any of them is not finite or alpha not > 0 (a seed whose critic step
@@ -122,3 +138,42 @@ def power_gradient(gramian: Tensor, alpha: Tensor, powers: Tensor, alignment: Te
     i.e. J^T (G s) with J = d alpha / dp = (M + diag(p / alpha^2))^-1 diag(1/alpha) (Prop. 4.2)."""
     system = gramian + torch.diag(powers / alpha.square())
     return torch.linalg.solve_ex(system, alignment)[0] / alpha
+
+
+@dataclass(frozen=True)
+class MainTaskSignal:
+    """Where the powers' signal comes from: the main task's index, and the inverse-Hessian
+    series' length and step."""
+
+    main: int
+    neumann_terms: int
+    neumann_step: float
+
+
+def main_task_alignment(task_loss, shared: Params, task_specific: Params, batch: Any, weights: Tensor,
+                        held_out: Any, shared_grads: Params, signal: MainTaskSignal) -> Tensor:  # fmt: skip
+    """[K]: g_k . s for every task k, where g_k is task k's gradient over the shared parameters
+    on ``batch`` (``shared_grads``, from the per-task pass) and s = sum_{j=0}^{J} (I - eta H)^j g_V,
+    g_V the main task's gradient on ``held_out`` (every task's slice is given, the main task's is
+    used) and H the Hessian of the weighted training loss sum_k w_k l_k over the shared
+    parameters: Hessian-vector products, J = ``signal.neumann_terms``, eta its step.
+    ``task_loss(shared, task, task_batch)``: one task's loss."""
+    main = signal.main
+    shared = {name: p.detach() for name, p in shared.items()}
+    task_specific = {name: p.detach() for name, p in task_specific.items()}
+    task_main = {name: p[main] for name, p in task_specific.items()}
+    g_v = grad(task_loss)(shared, task_main, tree_map(lambda x: x[main], held_out))
+
+    def training_loss(params: Params) -> Tensor:
+        return (weights * vmap(task_loss, in_dims=(None, 0, 0))(params, task_specific, batch)).sum()
+
+    s = v = g_v
+    for _ in range(signal.neumann_terms):
+        hessian_v = grad(lambda p, v=v: _dot(grad(training_loss)(p), v))(shared)
+        v = {name: v[name] - signal.neumann_step * hessian_v[name] for name in v}
+        s = {name: s[name] + v[name] for name in s}
+    return torch.stack([(shared_grads[name] * s[name]).flatten(1).sum(1) for name in s]).sum(0)
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[name] * b[name]).sum() for name in a)

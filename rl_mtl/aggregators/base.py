@@ -1,11 +1,20 @@
-"""The aggregator interface: a K x K Gramian of task gradients (+ losses) -> K weights.
+"""The aggregator interface: a K x K Gramian of task gradients (+ losses) -> K weights, and one
+hook for methods that learn from more than that.
 
 An aggregator object holds its options only. Its state (the fallback count; Nash-MTL's reused
-weights and call counter) is an explicit dict of tensors that ``step`` takes and returns, and
+weights and call counter) is an explicit dict of tensors that ``weigh`` takes and returns, and
 its only randomness is ``uniform``, K x K numbers uniform on [0, 1) drawn by the caller from its
 own seeded generator (PCGrad turns them into task orders; the other methods ignore them). So a
 call is a pure function: ``aggregate`` runs S seeds' aggregators as one ``vmap`` and a training
-update compiles whole, and the trainer never needs to know which method it runs.
+update compiles whole.
+
+A method that needs more than the Gramian and the losses (AuxiNash: a main task's held-out
+gradient; FAMO: the losses after the step; GradNorm: one layer's gradient norms; uncertainty
+weighting: parameters of its own) declares it in class attributes and implements ``learn``,
+which the update calls every ``learn_every`` updates, after the network's optimiser step, with
+an ``Objective``: the task losses as a function, the parameters before and after the step, the
+batch (and a held-out one if ``needs_held_out``), the gradients, weights and Gramian. Its learned
+quantities live in its state. The trainer never needs to know which method it runs.
 
 Every method works in float64 on the Gramian's device, whatever the input dtype, because the
 Gramians of RL gradients span many orders of magnitude (1e-15 .. 1e15 in practice) and K is small.
@@ -15,8 +24,9 @@ degenerate cases are handled with ``torch.where`` and counted in the state's ``f
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,31 +34,20 @@ from torch import Tensor
 from torch.func import vmap
 from torch.utils._pytree import tree_map
 
+from .. import registry
 from .solvers import may_read_back
 
 State = dict[str, Tensor]
+Params = dict[str, Tensor]
 
 
 class AggregatorError(ValueError):
     """A bad aggregator name, option value or input, with a message that says how to fix it."""
 
 
-def check_option(method: str, name: str, value: Any, minimum: float, strict: bool = False, integer: bool = False,
-                 note: str = "") -> None:  # fmt: skip
-    """Refuse an option that is not a finite number (an integer, if ``integer``) >= ``minimum``
-    (> with ``strict``), saying so."""
-    number = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = number and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (value > minimum if strict else value >= minimum)):
-        kind = "an integer" if integer else "a finite number"
-        raise AggregatorError(
-            f"{method}: {name} must be {kind} {'>' if strict else '>='} {minimum:g}{note}, got {value!r}"
-        )
-
-
-def check_choice(method: str, name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise AggregatorError(f"{method}: unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
+# Option checks raise AggregatorError (the registry's checks, shared with the architectures).
+check_option = functools.partial(registry.check_option, error=AggregatorError)
+check_choice = functools.partial(registry.check_choice, error=AggregatorError)
 
 
 def check_gramian(gramian: Tensor, losses: Tensor | None) -> int:
@@ -80,6 +79,29 @@ def normalize_gramian(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return 0.5 * (a + a.T), safe_scale, degenerate
 
 
+@dataclass
+class Objective:
+    """What ``Aggregator.learn`` sees of one seed's update of one network (the actor or a critic),
+    every tensor without the seed axis. ``task_loss(shared, task, task_batch)`` is one task's
+    loss (``task``: that task's slice of the per-task parameters; ``task_batch``: its slice of a
+    batch); ``params`` and ``stepped`` are ``{"shared": ..., "task": ...}`` before and after the
+    optimiser step."""
+
+    task_loss: Callable[..., Tensor]
+    params: dict[str, Params]  # where the gradients were taken
+    stepped: dict[str, Params]  # after the optimiser step
+    batch: Any  # the training batch, a tuple of [K, B, ...] tensors
+    held_out: Any  # a second batch like it, drawn for this call (None unless ``needs_held_out``)
+    gradients: Params  # the shared parameters' per-task gradients: name -> [K, *shape]
+    losses: Tensor  # [K] at ``params`` on ``batch``
+    weights: Tensor  # [K] this update's weights
+    gramian: Tensor | None  # [K, K] (None when neither the method nor the diagnostics need it)
+
+    def task_losses(self, params: dict[str, Params], batch: Any) -> Tensor:
+        """[K]: every task's loss at ``params`` on ``batch`` (e.g. ``stepped`` on ``batch``)."""
+        return vmap(self.task_loss, in_dims=(None, 0, 0))(params["shared"], params["task"], batch)
+
+
 class Aggregator:
     """Base class. Subclasses implement ``_weights(gramian64, losses, uniform) -> (weights64,
     fallback)``, a pure function of its inputs and the constructor's options.
@@ -88,17 +110,20 @@ class Aggregator:
     stated and used its documented fallback (see each method's docstring). Non-finite input or
     output always falls back to the mean (1/K each) and is counted too.
 
-    ``step(gramian, losses, state, uniform)`` is the call the trainer makes (pure, one agent;
+    ``weigh(gramian, losses, state, uniform)`` is the call the trainer makes (pure, one agent;
     ``aggregate`` runs it for a population of seeds). Calling the object, ``agg(gramian)``, is the
     same with the state and the uniform numbers kept inside the object: the library's form.
     """
 
     name: ClassVar[str] = ""
     uses_gramian: ClassVar[bool] = True  # False: the weights never depend on M (linear scalarisation)
-    # True: the method also learns from a main task's held-out gradient (``learn_powers``, AuxiNash);
-    # the trainer then computes that signal every ``update_powers_every`` updates for ``main_index``.
-    learns_powers: ClassVar[bool] = False
-    main_index: int | None = None
+    # False: ``weigh`` reads a result back to the host on CUDA, so it cannot run in a CUDA graph.
+    graph_safe: ClassVar[bool] = True
+    # What a method needs beyond the Gramian and the losses (module docstring):
+    learn_every: int = 0  # > 0: ``learn`` runs on every learn_every-th update
+    needs_held_out: ClassVar[bool] = False  # ``learn``'s Objective carries a held-out batch
+    # Per-task state entries to log: state key -> scalar name ("<method>/<name>/<network>/<task>").
+    logged_state: ClassVar[dict[str, str]] = {}
 
     def bind_tasks(self, tasks: list[str]) -> None:
         """Learn the run's task names (in order), for options that name tasks."""
@@ -108,11 +133,15 @@ class Aggregator:
         """One agent's state before its first call."""
         return {"fallbacks": torch.zeros((), dtype=torch.int64, device=device)}
 
-    def step(self, gramian: Tensor | None, losses: Tensor, state: State, uniform: Tensor) -> tuple[Tensor, State]:
+    def weigh(self, gramian: Tensor | None, losses: Tensor, state: State, uniform: Tensor) -> tuple[Tensor, State]:
         """One call: the weights [K] (in the Gramian's dtype, or the losses' without one) and the
         new state. ``gramian`` may be None only when the method does not use it (``uses_gramian``)."""
         weights, fallback = self.solve(gramian, losses, uniform)
         return weights, {**state, "fallbacks": state["fallbacks"] + fallback.to(torch.int64)}
+
+    def learn(self, state: State, objective: Objective) -> State:
+        """The method's own learning on one seed's update (``learn_every``): the new state."""
+        return state
 
     def solve(self, gramian: Tensor | None, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         """(weights, fallback) for one [K, K] Gramian, guarded: non-finite input or output gives
@@ -131,7 +160,7 @@ class Aggregator:
 
     @property
     def on_device(self) -> bool:
-        """Whether ``step`` runs on the device without host reads (False for the host-side
+        """Whether ``weigh`` runs on the device without host reads (False for the host-side
         reference solvers): then ``aggregate`` may vmap it and a training update may compile it."""
         return True
 
@@ -149,7 +178,7 @@ class Aggregator:
 
     # -- the library's stateful call -------------------------------------------------------------
     def __call__(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        """``step`` with the state kept in this object and the uniform numbers drawn from its own
+        """``weigh`` with the state kept in this object and the uniform numbers drawn from its own
         CPU generator (seeded 0; ``state_dict`` holds both). A call with another number of tasks
         than the last starts the state afresh, keeping the fallback count."""
         k = check_gramian(gramian, losses)
@@ -161,7 +190,7 @@ class Aggregator:
         elif self._k != k:
             self._state, self._k = {**self.init_state(k, gramian.device), "fallbacks": self._state["fallbacks"]}, k
         uniform = torch.rand(k, k, dtype=torch.float64, generator=self._generator).to(gramian.device)
-        weights, self._state = self.step(gramian, losses, self._state, uniform)
+        weights, self._state = self.weigh(gramian, losses, self._state, uniform)
         return weights
 
     @property
@@ -197,11 +226,11 @@ def aggregate(
     run one call per seed. Either way the result is that of S separate calls, to rounding.
     """
     if aggregator.on_device and not may_read_back(losses):
-        return vmap(aggregator.step, in_dims=(None if gramians is None else 0, 0, 0, 0))(
+        return vmap(aggregator.weigh, in_dims=(None if gramians is None else 0, 0, 0, 0))(
             gramians, losses, state, uniform
         )
     calls = [
-        aggregator.step(None if gramians is None else gramians[s], losses[s], tree_map(lambda t, s=s: t[s], state),
+        aggregator.weigh(None if gramians is None else gramians[s], losses[s], tree_map(lambda t, s=s: t[s], state),
                         uniform[s])
         for s in range(losses.shape[0])
     ]  # fmt: skip

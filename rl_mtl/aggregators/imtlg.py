@@ -21,6 +21,7 @@ class IMTLG(Aggregator):
     """
 
     name = "imtlg"
+    graph_safe = False  # torch.linalg.eigh checks its result on the host on CUDA
 
     def _weights(self, gramian: Tensor, losses: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
         a, _, _ = normalize_gramian(gramian)

@@ -91,7 +91,7 @@ class NashMTL(Aggregator):
             "alpha": torch.zeros(k, dtype=torch.float64, device=device),  # the last solution, before max_norm
         }
 
-    def step(self, gramian: Tensor | None, losses: Tensor, state: State, uniform: Tensor) -> tuple[Tensor, State]:
+    def weigh(self, gramian: Tensor | None, losses: Tensor, state: State, uniform: Tensor) -> tuple[Tensor, State]:
         assert gramian is not None, f"{self.name} needs the Gramian"
         k = losses.shape[-1]
         m = gramian.detach().to(torch.float64)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..aggregators import METHODS, aggregate, make_aggregator
+from ..aggregators import AGGREGATORS, aggregate, make_aggregator
 from ..aggregators.base import normalize_gramian
 from ..aggregators.cagrad import cagrad_dual_weights
 from ..aggregators.mgda import min_norm_weights
@@ -33,8 +33,20 @@ def _gramian(k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     return (grads @ grads.T).to(device=device, dtype=torch.float32)
 
 
+def solving_methods() -> list[str]:
+    """The registered methods with a solve of their own: all but those that extend another
+    registered one (AuxiNash: Nash-MTL's solve, with the powers learned on top)."""
+    return [name for name, cls in AGGREGATORS.items()
+            if not any(cls is not other and issubclass(cls, other) for other in AGGREGATORS.values())]  # fmt: skip
+
+
+def gramian_methods() -> list[str]:
+    """Those of them whose weights depend on the Gramian (not ``ls``)."""
+    return [name for name in solving_methods() if AGGREGATORS[name].uses_gramian]
+
+
 def bench_weights(device: torch.device, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
-    methods = [m for m in METHODS if m != "auxinash"]  # AuxiNash's solve is Nash-MTL's
+    methods = solving_methods()
     rows = []
     for k in sizes:
         m = _gramian(k, device)
@@ -113,9 +125,6 @@ def bench_simplex_solvers(device: torch.device, sizes: list[int], rounds: int) -
     return rows
 
 
-SEED_METHODS = ["nashmtl", "fairgrad", "pcgrad", "cagrad", "mgda", "imtlg"]  # those that solve on M
-
-
 def bench_seed_aggregation(device: torch.device, rounds: int, seeds: int = 10, k: int = 10) -> list[dict[str, Any]]:
     """``train --seeds``: the seeds' aggregators one call each vs ``aggregate`` (one vmapped
     solve), on the GPU path (no host reads, whole iteration budget) on any device, plus the CPU
@@ -124,12 +133,12 @@ def bench_seed_aggregation(device: torch.device, rounds: int, seeds: int = 10, k
     losses = torch.ones(seeds, k, device=device)
     uniform = torch.rand(seeds, k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
-    for method in SEED_METHODS:
+    for method in gramian_methods():
         agg = make_aggregator(method)
         state = {name: torch.stack([value] * seeds) for name, value in agg.init_state(k, device).items()}
 
         def per_seed(agg=agg, state=state):
-            return [agg.step(grams[s], losses[s], {n: v[s] for n, v in state.items()}, uniform[s])
+            return [agg.weigh(grams[s], losses[s], {n: v[s] for n, v in state.items()}, uniform[s])
                     for s in range(seeds)]  # fmt: skip
 
         def together(agg=agg, state=state):

@@ -21,21 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..agents import ARCHITECTURES, COMPILE_MODES
-from ..aggregators import METHODS
 from ..aggregators.solvers import sync_free
-from ..config import ConfigError, load_config
+from ..config import COMPILE_MODES, ConfigError, load_config
 from ..envs import VectorEnvRunner, make_vector_env, task_names
+from ..registry import ARCHITECTURES, METHODS
+from ..train import train_loop
 from ..training import Training
+from .aggregators import solving_methods
 from .timing import count_executed, profile_compiled_kernels, sync
 
-DEFAULT_METHODS = ["ls", "nashmtl", "fairgrad", "pcgrad", "cagrad"]
 PROTOCOL_STEPS, PROTOCOL_SEEDS = 2_000_000, 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="mt10", help="config file or preset (default: mt10, the real networks)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=solving_methods(),
+                        help="the methods to time (default: every one with a solve of its own; auxinash "
+                             "needs --set method_options.auxinash.main_task=TASK)")  # fmt: skip
     parser.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES),
                         help="time every method on each of these architectures (default: the config's)")  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -86,15 +88,8 @@ def kernels_per_update(training: Training) -> int:
 
 
 def train_steps(training: Training, steps: int) -> None:
-    """``steps`` steps of training: act (randomly during the warm-up), step the envs, store,
-    update (``Training.collect_and_learn``, as the training loop does), reset finished episodes."""
-    obs = training.to_device(training.envs.obs)
-    for _ in range(steps):
-        learning = training.step >= training.cfg.train.warmup_steps
-        action = training.population.act(obs) if learning else training.random_actions()
-        next_obs, done = training.collect_and_learn(obs, action, learning, diagnostics=False)
-        training.step += 1
-        obs = training.to_device(training.envs.reset_finished(done)) if done.any() else next_obs
+    """``steps`` steps of the training loop (``train.train_loop``, without its progress bar)."""
+    train_loop(training, progress=False, stop_at_step=training.step + steps - 1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,6 +102,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         *args.overrides,
         f"train.warmup_steps={warmup}",
         f"train.buffer_capacity_per_task={max(warmup + 4 * steps, batch)}",  # what the timed blocks store
+        # the loop's own evaluations and its end stay out of the timed blocks
+        "train.eval_every=0",
+        f"train.total_steps={PROTOCOL_STEPS}",
     ]
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
