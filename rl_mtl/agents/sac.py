@@ -7,7 +7,10 @@ The data flow of one update (DESIGN.md), every tensor with a leading seed axis:
      over tasks inside ``vmap`` over seeds); Gramians M = G G^T [S, K, K]; every seed's
      aggregator turns its M into weights [S, K] (``aggregate``: one batched solve); the shared
      parameters get weights @ G, per-task ones their own task's gradient; one Adam step over the
-     stacked parameters, skipped on the device for every seed whose update is not finite;
+     stacked parameters, skipped on the device for every seed whose update is not finite; on the
+     updates a method asks for (``Aggregator.learn_every``), its own learning (``learn``, given an
+     ``Objective``: the losses as a function, the parameters before and after the step, the batch
+     and a held-out one if it asked, the gradients, weights and Gramian);
   3. the same for the K actor losses (alpha_k log pi - min Q) against the updated critic;
   4. the temperatures (one per task, or one shared) from the actor's log-probabilities;
   5. Polyak averaging of the target critics.
@@ -264,8 +267,8 @@ class SAC:
         # its loss given the context (the critic's: none; the actor's: the updated critic).
         critic_loss = critic_task_loss(self.critic)
         self.learn_passes = {
-            "critic": maybe_compile(vmap(functools.partial(self._learn_one, lambda _: critic_loss)), compile),
-            "actor": maybe_compile(vmap(functools.partial(self._learn_one, self._actor_loss_given)), compile),
+            "critic": maybe_compile(functools.partial(self._learn_over_seeds, lambda _: critic_loss), compile),
+            "actor": maybe_compile(functools.partial(self._learn_over_seeds, self._actor_loss_given), compile),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -415,11 +418,18 @@ class SAC:
     def _actor_loss_given(self, critic_params: Split) -> Callable:
         return loss_only(actor_task_loss(self.actor, self.critic, critic_params["shared"]))
 
+    def _learn_over_seeds(self, task_loss_of: Callable, *args: Any) -> dict[str, Tensor]:
+        """``_learn_one`` for every seed: ``vmap`` over the seed axis of every tensor argument
+        (None stays None: no held-out batch, no Gramian, no context)."""
+        in_dims = tree_map(lambda leaf: None if leaf is None else 0, args)
+        return vmap(functools.partial(self._learn_one, task_loss_of), in_dims=in_dims)(*args)
+
     def _learn_one(
-        self, task_loss_of: Callable, agg_state: dict[str, Tensor], params: Split, stepped: Split, context: Any,
-        batch: tuple, held_out: tuple | None, gradients: Params, losses: Tensor, weights: Tensor,
-        gramian: Tensor | None,
+        self, task_loss_of: Callable, agg_state: dict[str, Tensor], params: Split, stepped: Split, learning: Learning,
+        grads: tuple[Params, Tensor, Tensor, Tensor | None],
     ) -> dict[str, Tensor]:  # fmt: skip
-        objective = Objective(task_loss_of(context), params, stepped, batch, held_out, gradients, losses, weights,
-                              gramian)  # fmt: skip
+        """One seed: ``grads`` = (shared gradients, losses, weights, Gramian)."""
+        gradients, losses, weights, gramian = grads
+        objective = Objective(task_loss_of(learning.context), params, stepped, learning.batch, learning.held_out,
+                              gradients, losses, weights, gramian)  # fmt: skip
         return self.aggregator.learn(agg_state, objective)

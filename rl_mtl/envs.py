@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import EnvConfig
+from .config import EnvConfig
 
 
 class EnvError(RuntimeError):
