@@ -203,6 +203,7 @@ def evaluate_checkpoint(path: Path, episodes: int, device: str, seed: int | None
     from .checkpoint import load_checkpoint
     from .config import config_from_dict
     from .envs import make_vector_env, run_evaluations, task_names
+    from .resume import refuse_unfitting
     from .runtime import resolve_device
 
     state = load_checkpoint(path)
@@ -215,11 +216,8 @@ def evaluate_checkpoint(path: Path, episodes: int, device: str, seed: int | None
         obs_dim, action_dim = env.single_observation_space.shape[0], env.single_action_space.shape[0]
         sac = SAC(obs_dim, action_dim, tasks, cfg.agent, cfg.method, cfg.method_options.get(cfg.method, {}))
         population = Population(sac, [cfg.seed], dev)
-        try:
+        with refuse_unfitting(path, state):
             population.load_seed_state(0, {"agent": state["agent"], "generator": state["agent_generator"]})
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{path} does not fit its own config ({err}); it was written by another version") \
-                from err  # fmt: skip
         success, returns = run_evaluations([env], population.policy, episodes, cfg.env.max_episode_steps)
     finally:
         env.close()

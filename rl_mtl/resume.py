@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, make_current, resume_points, saved_steps
 from .config import (
     RESUMABLE_KEYS,
@@ -195,13 +196,16 @@ def check_trainable_together(runs: list[RunSpec]) -> None:
 
 
 @contextlib.contextmanager
-def refuse_unfitting(run_dir: Path) -> Iterator[None]:
-    """A checkpoint field that is missing or of the wrong kind becomes a CheckpointError naming it."""
+def refuse_unfitting(where: Path, state: dict[str, Any]) -> Iterator[None]:
+    """A field of the checkpoint ``state`` (in ``where``) that is missing or of the wrong kind
+    becomes a CheckpointError naming it and the rl-mtl version that wrote the checkpoint."""
     try:
         yield
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, EnvError) as err:
         problem = f"it lacks the field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        writer = state.get("written_by")
+        by = f"rl-mtl {writer}" if isinstance(writer, str) else "an rl-mtl that did not record its version"
         raise CheckpointError(
-            f"the checkpoint in {run_dir} does not fit this run ({problem}); it was written by another "
-            "configuration or version of rl-mtl: resume it with that version, or start a new run"
+            f"the checkpoint in {where} does not fit this run ({problem}); it was written by {by}, this is rl-mtl "
+            f"{__version__}, or by another configuration: resume it with the version that wrote it, or start a new run"
         ) from err

@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from . import __version__
 from .agents import SAC, MetricSums, NonFiniteLossError, Population
 from .aggregators import AggregatorError
 from .buffers import ReplayBuffer
@@ -264,6 +265,7 @@ class Training:
         cfg = self.configs[s]
         agent = self.population.seed_state(s)
         return {
+            "written_by": __version__,
             "step": self.step,
             "last_eval_step": self.last_eval_step,
             "at_boundary": at_boundary,
@@ -285,7 +287,7 @@ class Training:
         """Every seed's checkpoint (all at one step: ``check_trainable_together``). Every field is
         read under ``resume.refuse_unfitting``, so a checkpoint lacking one is refused, not a traceback."""
         for s, (state, run_dir) in enumerate(zip(states, self.run_dirs, strict=True)):
-            with refuse_unfitting(run_dir):
+            with refuse_unfitting(run_dir, state):
                 self.population.load_seed_state(s, {"agent": state["agent"], "generator": state["agent_generator"]})
                 self.replay.load_seed_state(s, state["replay"])
                 if self.normalizer is not None:
@@ -295,7 +297,7 @@ class Training:
                 load_env_checkpoint(self.eval_envs[s], state["eval_env"])
                 self.sums.load_seed_state(s, state["metric_sums"])
         lead = states[0]  # the population's counters and the process generators: the lead seed's
-        with refuse_unfitting(self.run_dirs[0]):
+        with refuse_unfitting(self.run_dirs[0], lead):
             self.step = self.last_checkpoint_step = int(lead["step"])
             self.last_eval_step = int(lead["last_eval_step"])
             at_boundary = bool(lead["at_boundary"])

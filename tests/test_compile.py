@@ -20,8 +20,8 @@ K, B, OBS, ACT = 4, 16, 7, 3
 TASKS = [f"task{k}" for k in range(K)]
 
 
-def _population(seeds, device, mode, method="nashmtl"):
-    sac = SAC(OBS, ACT, TASKS, load_config("smoke").agent, method, compile=mode == "passes")
+def _population(seeds, device, mode, method="nashmtl", options=None):
+    sac = SAC(OBS, ACT, TASKS, load_config("smoke").agent, method, options, compile=mode == "passes")
     return Population(sac, seeds, device, compile=mode)
 
 
@@ -33,18 +33,23 @@ def _batch(seeds, device, generator):
     return Batch(rand(K, B, OBS), rand(K, B, ACT).clamp(-1, 1), rand(K, B), rand(K, B, OBS), terminated)
 
 
-def _assert_same_update(seeds, device, mode, nan_seed=None):
+def _assert_same_update(seeds, device, mode, nan_seed=None, method="nashmtl", options=None):
     """Two updates of identically initialised populations, eager and compiled: same metrics, sums
     and parameters to float precision (the compiled kernels may sum in another order). With
-    ``nan_seed``, that seed's second batch has a NaN reward: both skip its update alike."""
-    eager, compiled = _population(seeds, device, "off"), _population(seeds, device, mode)
+    ``nan_seed``, that seed's second batch has a NaN reward: both skip its update alike. A method
+    that learns (``learn_every``) learns on both updates, with held-out batches if it asks."""
+    eager, compiled = (_population(seeds, device, m, method, options) for m in ("off", mode))
+    agg = eager.sac.aggregator
     sums = [MetricSums(len(seeds), K, device) for _ in range(2)]
     g = torch.Generator().manual_seed(7)
     for i in range(2):
         batch = _batch(len(seeds), device, g)
         if i == 1 and nan_seed is not None:
             batch.reward[nan_seed, 0, 0] = float("nan")
-        expected, got = eager.update(batch, True, sums=sums[0]), compiled.update(batch, True, sums=sums[1])
+        learn = agg.learn_every > 0
+        held_out = _batch(len(seeds), device, g) if learn and agg.needs_held_out else None
+        expected = eager.update(batch, True, learn, held_out, sums=sums[0])
+        got = compiled.update(batch, True, learn, held_out, sums=sums[1])
         assert got["applied"].tolist() == [i == 0 or s != nan_seed for s in range(len(seeds))]
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -67,6 +72,15 @@ def test_the_compiled_passes_are_the_eager_update(seeds):
     _assert_same_update(seeds, torch.device("cpu"), "passes")
     # the three passes (TD target, critic, actor gradients) ran as compiled graphs, without breaks
     assert counters["stats"]["unique_graphs"] >= 3
+    assert not counters["graph_break"]
+
+
+def test_a_method_s_own_learning_runs_in_the_compiled_passes():
+    """AuxiNash's ``learn`` (its held-out pass: Hessian-vector products, the power step) compiled
+    with the passes gives the eager numbers, powers included, without a graph break."""
+    torch._dynamo.reset()
+    counters.clear()
+    _assert_same_update([0, 1], torch.device("cpu"), "passes", method="auxinash", options={"main_task": TASKS[1]})
     assert not counters["graph_break"]
 
 

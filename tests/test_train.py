@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_mtl.aggregators import METHODS
+from rl_mtl import __version__
 from rl_mtl.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from rl_mtl.config import load_config
 from rl_mtl.metrics import read_metrics
+from rl_mtl.registry import METHODS
 from rl_mtl.train import EXIT_INTERRUPTED, main, run, train_loop
 from rl_mtl.training import Training
 
@@ -143,7 +144,8 @@ def test_resume_errors_are_clear(tmp_path, capsys):
 @pytest.mark.parametrize("field", ["metric_sums", "rng"])  # one of each block load_states reads
 def test_a_checkpoint_lacking_a_field_is_refused_naming_it(tmp_path, capsys, monkeypatch, field):
     """Fields read after the per-seed state (the counters, the process generators) gave a raw
-    KeyError once; every one is refused as a checkpoint that does not fit, naming the field."""
+    KeyError once; every one is refused as a checkpoint that does not fit, naming the field and
+    the version that wrote it."""
     run_dir = tmp_path / "run"
     seed_state = Training.seed_state
     monkeypatch.setattr(Training, "seed_state", lambda self, s, *a: {
@@ -155,6 +157,7 @@ def test_a_checkpoint_lacking_a_field_is_refused_naming_it(tmp_path, capsys, mon
     assert main(["--resume", str(run_dir), "--set", "train.total_steps=200", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"lacks the field '{field}'" in err and "Traceback" not in err, err
+    assert f"it was written by rl-mtl {__version__}, this is rl-mtl {__version__}" in err, err
 
 
 def test_cuda_requested_without_cuda_is_explained(tmp_path, capsys):

@@ -399,18 +399,10 @@ class SAC:
         lr = self.cfg.critic_lr if network == "critic" else self.cfg.actor_lr
         adam_step(params, step, state["optim"][network], ok, lr)
         if before is not None:
-            learned = self.learn_passes[network](
-                agg_state,
-                before,
-                params,
-                learning.context,
-                learning.batch,
-                learning.held_out,
-                grads.shared,
-                grads.losses,
-                weights,
-                gramian,
-            )
+            # dicts, not tuples: vmap under dynamo spreads a tuple argument into several
+            inputs = {**learning._asdict(), "gradients": grads.shared, "losses": grads.losses, "weights": weights,
+                      "gramian": gramian}  # fmt: skip
+            learned = self.learn_passes[network](agg_state, before, params, inputs)
             copy_tree_(agg_state, learned)
         return weights, gramian
 
@@ -424,12 +416,10 @@ class SAC:
         in_dims = tree_map(lambda leaf: None if leaf is None else 0, args)
         return vmap(functools.partial(self._learn_one, task_loss_of), in_dims=in_dims)(*args)
 
-    def _learn_one(
-        self, task_loss_of: Callable, agg_state: dict[str, Tensor], params: Split, stepped: Split, learning: Learning,
-        grads: tuple[Params, Tensor, Tensor, Tensor | None],
-    ) -> dict[str, Tensor]:  # fmt: skip
-        """One seed: ``grads`` = (shared gradients, losses, weights, Gramian)."""
-        gradients, losses, weights, gramian = grads
-        objective = Objective(task_loss_of(learning.context), params, stepped, learning.batch, learning.held_out,
-                              gradients, losses, weights, gramian)  # fmt: skip
+    def _learn_one(self, task_loss_of: Callable, agg_state: dict[str, Tensor], params: Split, stepped: Split,
+                   inputs: dict[str, Any]) -> dict[str, Tensor]:  # fmt: skip
+        """One seed: ``inputs`` holds the ``Learning`` fields and this update's gradients, losses,
+        weights and Gramian."""
+        objective = Objective(task_loss_of(inputs["context"]), params, stepped, inputs["batch"], inputs["held_out"],
+                              inputs["gradients"], inputs["losses"], inputs["weights"], inputs["gramian"])  # fmt: skip
         return self.aggregator.learn(agg_state, objective)
